@@ -1,0 +1,14 @@
+"""ComfyUI nodes of the pack: thin translators from node inputs to engine calls."""
+from typing_extensions import override
+
+from ._api import ComfyExtension, io
+
+
+class PersonalizeExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .dataset import NODES as dataset_nodes
+        from .train import NODES as train_nodes
+        from .lora_io import NODES as lora_io_nodes
+
+        return [*dataset_nodes, *train_nodes, *lora_io_nodes]
