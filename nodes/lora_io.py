@@ -1,1 +1,43 @@
-NODES = []
+"""Save a trained LoRA where stock `LoraLoader` finds it."""
+from __future__ import annotations
+
+import folder_paths
+
+from ..trainers.formats.files import resolve_inside, safe_stem
+from ..trainers.formats.safetensors_io import SAVE_DTYPES, save_new_safetensors
+from ._api import io, ui
+
+
+class PersonalizeSaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PersonalizeSaveLoRA",
+            display_name="Personalize Save LoRA",
+            category="personalize/io",
+            description="Save a LoRA as kohya-format safetensors (ss_* and modelspec metadata) into the loras folder. "
+                        "Never overwrites: an existing name gets a numbered suffix.",
+            inputs=[
+                io.LoraModel.Input("lora", tooltip="A LoRA from a Personalize training node."),
+                io.String.Input("name", default="personalize/my_lora", tooltip="File name inside the loras folder (sub-folders allowed, no '..')."),
+                io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="fp16", tooltip="Precision of the saved weights (fp16 is kohya's default)."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora, name, save_dtype) -> io.NodeOutput:
+        stem = safe_stem(name, input_name="name")
+        if not lora:
+            raise ValueError("`lora` is empty: connect the lora output of a training node.")
+        loras_root = folder_paths.get_folder_paths("loras")[0]
+        target = resolve_inside(loras_root, stem)
+        metadata = dict(getattr(lora, "metadata", {}) or {})
+        metadata.setdefault("ss_output_name", target.name)
+        path = save_new_safetensors(target.parent, target.name, dict(lora), metadata, save_dtype)
+        relative = path.relative_to(loras_root).as_posix() if path.is_relative_to(loras_root) else str(path)
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {relative}"))
+
+
+NODES = [PersonalizeSaveLoRA]

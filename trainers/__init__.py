@@ -1,0 +1,1 @@
+"""The training engine: usable without the HTTP server (imports `comfy` only)."""

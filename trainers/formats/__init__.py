@@ -1,0 +1,1 @@
+"""Pure read/write of artifact formats."""

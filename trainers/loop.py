@@ -1,0 +1,229 @@
+"""The one training loop, shared by every method (diffusers' order, OneTrainer's separation).
+
+freeze the base -> attach the method's trainable weights to clones -> optimizer/scheduler ->
+resume -> per step: batch, noise + timesteps from the model's own sampling, predict, loss in the
+model's prediction space, backward (accumulated), clip, step -> checkpoint -> done.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import comfy.model_management
+
+from . import checkpoint as ckpt
+from . import objectives
+from .data.dataset import BatchSampler, TrainingData, clip_identity, encode_captions
+from .job import TrainJob
+from .methods import Attached, TrainingMethod
+from .model_runtime import (Denoiser, batch_model_conds, encode_sample_conds, gradient_checkpointing,
+                            load_for_training, make_autograd_safe, release_training_model)
+from .optim import build_optimizer, build_scheduler
+from .progress import Reporter
+
+log = logging.getLogger("comfyui-personalize")
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    method: TrainingMethod
+    attached: Attached
+    global_step: int
+    loss_history: list[float]
+    final_checkpoint: Path | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _micro_step_generator(seed: int, micro_step: int) -> torch.Generator:
+    # One generator per micro step: noise, timesteps and flips depend only on (seed, step),
+    # so a resumed run draws exactly what the uninterrupted run would have drawn.
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919 + 17) % (2**63))
+
+
+def _to_device(model_conds: dict, device) -> dict:
+    return {k: c._copy_with(c.cond.to(device)) for k, c in model_conds.items()}
+
+
+def train(job: TrainJob, method: TrainingMethod, model, clip, data: TrainingData, *, checkpoint_dir: Path,
+          resume_from: str | Path | None = None, reporter: Reporter | None = None) -> TrainResult:
+    """Train `method` on `data` with ComfyUI MODEL/CLIP inputs (never mutated) and return the result."""
+    if len(data) == 0:
+        raise ValueError("the dataset is empty: add images to the dataset folder.")
+    if len(data.latent_shapes()) > 1:
+        raise ValueError(f"all training latents must share one size for now, got {sorted(data.latent_shapes())}.")
+    reporter = reporter or Reporter(job.steps)
+    checkpoint_dir = Path(checkpoint_dir)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter)
+
+
+def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter) -> TrainResult:
+    # 1. Freeze the base and attach the method's trainable weights to clones.
+    for base in (model.model, clip.cond_stage_model if clip is not None else None):
+        if base is not None:
+            make_autograd_safe(base)
+            base.requires_grad_(False)
+    attached = method.attach(model, clip, torch.Generator().manual_seed(job.seed))
+    patcher = attached.model
+    device = patcher.load_device
+    trainables = [p for g in attached.groups for p in g.params]
+    for p in trainables:
+        p.requires_grad_(True)
+    to_load = [patcher] + ([attached.clip.patcher] if attached.trains_text_encoder else [])
+    load_for_training(to_load)
+
+    # 2. Optimizer, schedule, and resume.
+    optimizer = build_optimizer(job, attached.groups)
+    scheduler = build_scheduler(job, optimizer)
+    global_step, loss_history = 0, []
+    if resume_from:
+        state = ckpt.load_state(resume_from)
+        _check_resumable(job, state["job"], resume_from)
+        method.load_trainable_state_dict(state["method_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        global_step, loss_history = int(state["global_step"]), list(state["loss_history"])
+        log.info("resumed from %s at step %d", resume_from, global_step)
+
+    # 3. Conditioning: encoded once unless the text encoder trains.
+    model_sampling = patcher.get_model_object("model_sampling")
+    base_model = patcher.model
+    sample_latent = data.samples[0].latent
+    fixed_conds = None
+    if not attached.trains_text_encoder:
+        if attached.clip is not None and data.clip_key != clip_identity(attached.clip):
+            conditionings = encode_captions(attached.clip, [s.caption for s in data.samples])
+        elif all(s.conditioning is not None for s in data.samples):
+            conditionings = [s.conditioning for s in data.samples]
+        else:
+            raise ValueError("the dataset has no encoded captions and no CLIP is connected: connect a CLIP.")
+        fixed_conds = [_to_device(encode_sample_conds(patcher, c, sample_latent, device), device) for c in conditionings]
+
+    sampler = BatchSampler(len(data), job.batch_size, job.seed)
+    denoiser = Denoiser(patcher)
+    autocast = (torch.autocast(device.type, dtype=_AUTOCAST[job.precision]) if job.precision in _AUTOCAST
+                else contextlib.nullcontext())
+    summary = {"method": method.name, "steps": job.steps, "start_step": global_step, "samples": len(data),
+               "trainable_params": sum(p.numel() for p in trainables), **method.describe()}
+    log.info("training %s", summary)
+    reporter.start(summary)
+
+    def save(name: str, reason: str) -> Path:
+        path = ckpt.save_state(checkpoint_dir / name, job=job.to_dict(), method_state=method.trainable_state_dict(),
+                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                               global_step=global_step, loss_history=loss_history,
+                               extra={"method": method.describe()})
+        reporter.checkpoint(path, global_step, reason)
+        return path
+
+    # 4. The loop.
+    started = time.perf_counter()
+    try:
+        with gradient_checkpointing(base_model.diffusion_model, job.gradient_checkpointing):
+            while global_step < job.steps:
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for micro in range(job.grad_accumulation):
+                    if reporter.interrupted():
+                        raise _Cancelled()
+                    micro_step = global_step * job.grad_accumulation + micro
+                    generator = _micro_step_generator(job.seed, micro_step)
+                    indices = sampler.indices(micro_step)
+                    latents = _batch_latents(data, indices, generator).to(device)
+                    latents = base_model.process_latent_in(latents)
+                    noised = objectives.add_noise(model_sampling, latents, generator, noise_offset=job.noise_offset,
+                                                  timestep_range=job.timestep_range)
+                    if fixed_conds is not None:
+                        model_conds = batch_model_conds([fixed_conds[i] for i in indices])
+                    else:
+                        captions = [data.samples[i].caption for i in indices]
+                        model_conds = batch_model_conds([
+                            _to_device(encode_sample_conds(patcher, c, sample_latent, device), device)
+                            for c in encode_captions(attached.clip, captions)])
+                    with autocast:
+                        denoised = denoiser(noised.noisy, noised.sigmas, model_conds)
+                    model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), latents,
+                                                                     noised.noisy, noised.sigmas)
+                    losses = objectives.per_sample_loss(model_pred, target, job.loss_type, job.huber_delta)
+                    if job.min_snr_gamma > 0:
+                        losses = losses * objectives.min_snr_weights(model_sampling, noised.sigmas, job.min_snr_gamma).to(losses)
+                    loss = losses.mean() / job.grad_accumulation
+                    loss.backward()
+                    step_loss += loss.item()
+                if not torch.isfinite(torch.tensor(step_loss)):
+                    raise FloatingPointError(f"loss became {step_loss} at step {global_step + 1}: lower the learning rate "
+                                             "or use precision fp32.")
+                if job.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainables, job.max_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                global_step += 1
+                loss_history.append(step_loss)
+                reporter.step(global_step, step_loss, lr)
+                if job.checkpoint_every and global_step % job.checkpoint_every == 0 and global_step < job.steps:
+                    save(f"step_{global_step:07d}.pt", "periodic")
+                    ckpt.prune(checkpoint_dir, job.keep_checkpoints)
+    except (_Cancelled, comfy.model_management.InterruptProcessingException):
+        optimizer.zero_grad(set_to_none=True)  # a partial accumulation is dropped; the step redoes it
+        path = save(f"interrupted_step_{global_step:07d}.pt", "cancel")
+        log.info("training cancelled at step %d; resume from %s", global_step, path)
+        comfy.model_management.interrupt_current_processing(False)
+        raise comfy.model_management.InterruptProcessingException()
+    except Exception:
+        if global_step > 0:
+            path = save(f"crashed_step_{global_step:07d}.pt", "error")
+            log.error("training failed at step %d; resumable checkpoint: %s", global_step, path)
+        raise
+    finally:
+        for p in trainables:
+            p.requires_grad_(False)
+        release_training_model(to_load)
+
+    final = save("final.pt", "end")
+    elapsed = time.perf_counter() - started
+    summary.update({"final_loss": loss_history[-1] if loss_history else None, "seconds": elapsed,
+                    "checkpoint": str(final)})
+    reporter.end(summary)
+    return TrainResult(method=method, attached=attached, global_step=global_step, loss_history=loss_history,
+                       final_checkpoint=final, summary=summary)
+
+
+def _batch_latents(data: TrainingData, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+    flips = torch.rand(len(indices), generator=generator)
+    out = []
+    for index, flip in zip(indices, flips.tolist()):
+        sample = data.samples[index]
+        use_flipped = sample.latent_flipped is not None and flip < 0.5
+        out.append(sample.latent_flipped if use_flipped else sample.latent)
+    return torch.stack(out).float()
+
+
+_MUST_MATCH = ("method", "batch_size", "grad_accumulation", "seed", "optimizer")
+
+
+def _check_resumable(job: TrainJob, saved: dict, path) -> None:
+    """A checkpoint resumes only a run of the same shape; say which setting differs."""
+    for name in _MUST_MATCH:
+        if saved.get(name) != getattr(job, name):
+            raise ValueError(f"cannot resume from {Path(path).name}: it was trained with `{name}`={saved.get(name)!r}, "
+                             f"this run has {getattr(job, name)!r}. Use the same settings or start a new run.")
+    saved_opts = {k: v for k, v in saved.get("method_options", {}).items() if k != "initial_weights"}
+    opts = {k: v for k, v in job.method_options.items() if k != "initial_weights"}
+    if saved_opts != opts:
+        raise ValueError(f"cannot resume from {Path(path).name}: method options differ (checkpoint {saved_opts}, "
+                         f"this run {opts}).")
+    if saved.get("steps", 0) > job.steps:
+        raise ValueError(f"cannot resume from {Path(path).name}: it targets {saved['steps']} steps, more than `steps`={job.steps}.")

@@ -1,0 +1,56 @@
+"""The contract every training method implements; the loop knows nothing else about methods."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ParamGroup:
+    """Trainable tensors that share a learning rate: `role` is "main" or "text_encoder"."""
+
+    params: list[torch.nn.Parameter]
+    role: str = "main"
+    name: str = ""
+
+
+@dataclass
+class Attached:
+    """What `attach` hands the loop: the patched MODEL/CLIP clones and the trainable groups."""
+
+    model: Any
+    clip: Any | None
+    groups: list[ParamGroup] = field(default_factory=list)
+    trains_text_encoder: bool = False
+
+
+class TrainingMethod(ABC):
+    """A method decides what trains, how it is attached to a MODEL/CLIP clone, and how it is exported."""
+
+    name: str = ""
+
+    @abstractmethod
+    def attach(self, model, clip, generator: torch.Generator) -> Attached:
+        """Attach trainable weights to clones of `model`/`clip` (the inputs are never mutated)."""
+
+    @abstractmethod
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor by a stable name (for checkpoints and resume)."""
+
+    @abstractmethod
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore tensors written by `trainable_state_dict`; raise ValueError on a mismatch."""
+
+    def detach(self) -> None:
+        """Undo anything attach() did outside the clones (default: nothing)."""
+
+    @abstractmethod
+    def export(self) -> Any:
+        """The trained artifact in memory (e.g. a kohya LoRA state dict)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Settings recorded in checkpoints and artifact metadata."""
+        return {}

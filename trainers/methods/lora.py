@@ -1,0 +1,187 @@
+"""LoRA (and DoRA) as a training method.
+
+Adapter layers: our own small `LoraDelta`, attached with `ModelPatcher.add_weight_wrapper`.
+Why not peft: peft injects layers into the `nn.Module` tree, which every ModelPatcher clone shares,
+so a training run would leak into sibling branches of the graph; weight wrappers are per clone and
+are applied only while that clone is loaded. Why not `comfy.weight_adapter.LoraDiff`: it has no
+DoRA and no per-layer seeded init. The math matches what ComfyUI's loader applies to the exported
+kohya file (W + alpha/rank * up@down; DoRA with a per-input-column magnitude as `dora_scale`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from comfy.weight_adapter import WeightAdapterTrainBase
+
+from ..formats.kohya_lora import check_fits, clip_lora_names, module_names, unet_lora_names
+from . import Attached, ParamGroup, TrainingMethod, register_method
+
+TargetPreset = Literal["attention", "attention_ff", "all"]
+
+_ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_TRANSFORMER = re.compile(r"(\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))|\.proj_in|\.proj_out)$")
+_TEXT_ENCODER = re.compile(r"\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+
+
+def unet_target_matches(module_name: str, module: torch.nn.Module, preset: str) -> bool:
+    """Whether a UNet module trains under a target preset (kohya's LoRA / LoCon choices)."""
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        return False
+    if preset == "attention":
+        return bool(_ATTENTION.search(module_name))
+    if preset == "attention_ff":
+        return bool(_TRANSFORMER.search(module_name))
+    return True  # "all": every linear and conv layer
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(default=16, metadata={"help": "LoRA rank (network_dim): capacity of the adapter."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the update is scaled by alpha/rank (kohya's network_alpha)."})
+    targets: TargetPreset = field(default="attention_ff", metadata={"help": "Which UNet layers get a LoRA: attention; attention_ff (kohya default: all transformer linears); all (also ResNet convs, LoCon)."})
+    train_text_encoder: bool = field(default=False, metadata={"help": "Also train a LoRA on the text encoder(s), at text_encoder_lr."})
+    dora: bool = field(default=False, metadata={"help": "DoRA: learn a per-column magnitude as well (loads in ComfyUI as dora_scale)."})
+    initial_weights: dict | None = field(default=None, metadata={"help": "A kohya LoRA state dict to start from (continue training a LoRA)."})
+
+    def __post_init__(self):
+        if int(self.rank) < 1:
+            raise ValueError(f"`rank` must be at least 1, got {self.rank}. Use 4-128 for LoRA.")
+        if not self.alpha > 0:
+            raise ValueError(f"`alpha` must be positive, got {self.alpha}.")
+        if self.targets not in TargetPreset.__args__:
+            raise ValueError(f"`targets` must be one of {TargetPreset.__args__}, got {self.targets!r}.")
+
+
+class LoraDelta(WeightAdapterTrainBase):
+    """A trainable low-rank update of one weight: a weight-wrapper function W -> W'."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, dora: bool, generator: torch.Generator):
+        super().__init__()
+        out_dim, in_dim = weight.shape[0], weight.shape[1]
+        kernel = tuple(weight.shape[2:])
+        self.weight_shape = tuple(weight.shape)
+        self.scale = alpha / rank
+        self.rank, self.alpha = rank, alpha
+        down = torch.empty((rank, in_dim) + kernel, dtype=torch.float32)
+        # kohya/peft init: down ~ kaiming-uniform(a=sqrt(5)) from our seeded generator, up = 0.
+        bound = 1.0 / math.sqrt(in_dim * max(1, math.prod(kernel)))
+        down.uniform_(-bound, bound, generator=generator)
+        self.lora_down = torch.nn.Parameter(down)
+        self.lora_up = torch.nn.Parameter(torch.zeros((out_dim, rank) + (1,) * len(kernel), dtype=torch.float32))
+        self.dora_scale = None
+        if dora:
+            self.dora_scale = torch.nn.Parameter(self._column_norm(weight.float()))
+
+    @staticmethod
+    def _column_norm(weight: torch.Tensor) -> torch.Tensor:
+        # Norm of each input column over outputs (and kernel): shape [1, in, 1, ...].
+        return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1).reshape(1, weight.shape[1], *([1] * (weight.ndim - 2)))
+
+    def delta(self) -> torch.Tensor:
+        return (self.lora_up.flatten(1) @ self.lora_down.flatten(1)).reshape(self.weight_shape) * self.scale
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        merged = w.float() + self.delta()
+        if self.dora_scale is not None:
+            merged = merged * (self.dora_scale / (self._column_norm(merged) + torch.finfo(torch.float32).eps))
+        return merged.to(w.dtype)
+
+    def passive_memory_usage(self):
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def export(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        out = {
+            "lora_down.weight": self.lora_down.detach().to(dtype).contiguous(),
+            "lora_up.weight": self.lora_up.detach().to(dtype).contiguous(),
+            "alpha": torch.tensor(float(self.alpha), dtype=dtype),
+        }
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale.detach().to(dtype).contiguous()
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.lora_down.copy_(tensors["lora_down.weight"].reshape(self.lora_down.shape))
+            self.lora_up.copy_(tensors["lora_up.weight"].reshape(self.lora_up.shape))
+            if self.dora_scale is not None and "dora_scale" in tensors:
+                self.dora_scale.copy_(tensors["dora_scale"].reshape(self.dora_scale.shape))
+
+
+@register_method("lora")
+class LoraMethod(TrainingMethod):
+    """LoRA/DoRA on the UNet and optionally the text encoder(s), exported in kohya format."""
+
+    def __init__(self, **options):
+        self.config = LoraConfig(**options)
+        self.deltas: dict[str, LoraDelta] = {}  # kohya module name -> delta
+
+    def _add(self, patcher, modules, names, select, generator, role_params):
+        state = patcher.model.state_dict()
+        for module_name, module in modules:
+            weight_key = f"{module_name}.weight"
+            kohya_name = names.get(weight_key)
+            if kohya_name is None or not select(module_name, module):
+                continue
+            delta = LoraDelta(state[weight_key], self.config.rank, self.config.alpha, self.config.dora, generator)
+            patcher.add_weight_wrapper(weight_key, delta)
+            self.deltas[kohya_name] = delta
+            role_params.extend(delta.parameters())
+
+    def attach(self, model, clip, generator):
+        cfg = self.config
+        model = model.clone()
+        unet_params: list = []
+        self._add(model, model.model.named_modules(), unet_lora_names(model.model),
+                  lambda n, m: unet_target_matches(n, m, cfg.targets), generator, unet_params)
+        if not unet_params:
+            raise ValueError(f"no UNet layer matches `targets`={cfg.targets!r} in this model.")
+        groups = [ParamGroup(unet_params, "main", "unet")]
+        if clip is not None:
+            clip = clip.clone()
+        if cfg.train_text_encoder:
+            if clip is None:
+                raise ValueError("`train_text_encoder` is on but no CLIP is connected: connect the checkpoint's CLIP.")
+            te_params: list = []
+            self._add(clip.patcher, clip.cond_stage_model.named_modules(), clip_lora_names(clip.cond_stage_model),
+                      lambda n, m: isinstance(m, torch.nn.Linear) and bool(_TEXT_ENCODER.search(n)), generator, te_params)
+            groups.append(ParamGroup(te_params, "text_encoder", "text_encoder"))
+        if cfg.initial_weights:
+            check_fits(cfg.initial_weights, model, clip, what="The initial LoRA")
+            self.load_trainable_state_dict(cfg.initial_weights, strict=False)
+        return Attached(model=model, clip=clip, groups=groups, trains_text_encoder=cfg.train_text_encoder)
+
+    def trainable_state_dict(self):
+        return self.export()
+
+    def load_trainable_state_dict(self, state, strict: bool = True):
+        names = module_names(state)
+        unknown = names - set(self.deltas)
+        if unknown and strict:
+            raise ValueError(f"checkpoint has LoRA modules this run does not train (e.g. {sorted(unknown)[0]}): "
+                             "the rank, targets or model differ from the checkpoint's.")
+        for name, delta in self.deltas.items():
+            tensors = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if not tensors:
+                if strict:
+                    raise ValueError(f"checkpoint lacks LoRA module {name}: it was made with other targets or model.")
+                continue
+            if tensors["lora_down.weight"].shape[0] != self.config.rank:
+                raise ValueError(f"checkpoint LoRA rank {tensors['lora_down.weight'].shape[0]} differs from `rank`={self.config.rank}.")
+            delta.load(tensors)
+
+    def export(self, dtype=torch.float32):
+        out = {}
+        for name, delta in self.deltas.items():
+            for suffix, tensor in delta.export(dtype).items():
+                out[f"{name}.{suffix}"] = tensor
+        return out
+
+    def describe(self):
+        cfg = self.config
+        return {"rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "dora": cfg.dora,
+                "train_text_encoder": cfg.train_text_encoder, "modules": len(self.deltas)}

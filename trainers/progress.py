@@ -1,0 +1,56 @@
+"""Progress, cancellation and live events, reached by the loop only through `Reporter`."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import comfy.model_management
+import comfy.utils
+
+
+class TrainingInterrupted(Exception):
+    """Raised by the loop after a cancel, once the resumable checkpoint is written."""
+
+    def __init__(self, checkpoint_path, step: int):
+        super().__init__(f"training cancelled at step {step}; resumable checkpoint: {checkpoint_path}")
+        self.checkpoint_path = checkpoint_path
+        self.step = step
+
+
+class Reporter:
+    """ComfyUI's progress bar (which is also a cancellation point) plus optional event sink.
+
+    `send(event, payload)` is given by the node layer (the websocket) and is optional, so the
+    engine runs headless too.
+    """
+
+    def __init__(self, total_steps: int, send: Callable[[str, dict], None] | None = None):
+        self.total = total_steps
+        self.send = send or (lambda event, payload: None)
+        self.bar = comfy.utils.ProgressBar(total_steps)
+        self.started = time.perf_counter()
+        self.first_step = None
+
+    def interrupted(self) -> bool:
+        return comfy.model_management.processing_interrupted()
+
+    def start(self, summary: dict[str, Any]) -> None:
+        self.send("personalize.start", summary)
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = (step - 1, now)
+        done_since = step - self.first_step[0]
+        elapsed = now - self.first_step[1]
+        rate = done_since / elapsed if elapsed > 0 and done_since > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else None
+        self.bar.update_absolute(step, self.total)
+        self.send("personalize.step", {"step": step, "total": self.total, "loss": loss, "lr": lr,
+                                        "it_per_s": rate, "eta_s": eta})
+
+    def checkpoint(self, path, step: int, reason: str) -> None:
+        self.send("personalize.checkpoint", {"path": str(path), "step": step, "reason": reason})
+
+    def end(self, summary: dict[str, Any]) -> None:
+        self.send("personalize.end", summary)
