@@ -23,7 +23,7 @@ from .data.dataset import BatchSampler, TrainingData, clip_identity, encode_capt
 from .job import TrainJob
 from .methods import Attached, TrainingMethod
 from .model_runtime import (Denoiser, batch_model_conds, encode_sample_conds, gradient_checkpointing,
-                            load_for_training, make_autograd_safe, release_training_model)
+                            load_for_training, make_autograd_safe, release_training_model, trainable_text_encoder)
 from .optim import build_optimizer, build_scheduler
 from .progress import Reporter
 
@@ -131,7 +131,9 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     # 4. The loop.
     started = time.perf_counter()
     try:
-        with gradient_checkpointing(base_model.diffusion_model, job.gradient_checkpointing):
+        text_encoder = attached.clip.cond_stage_model if attached.clip is not None else None
+        with gradient_checkpointing(base_model.diffusion_model, job.gradient_checkpointing), \
+                trainable_text_encoder(text_encoder, attached.trains_text_encoder):
             while global_step < job.steps:
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0

@@ -149,3 +149,31 @@ def release_training_model(patchers: list) -> None:
                 functions = module.__dict__.get(attr)
                 if functions:
                     setattr(module, attr, [f for f in functions if not isinstance(f, WeightAdapterTrainBase)])
+
+
+def _out_of_place_clip_layer(layer):
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
+
+
+@contextlib.contextmanager
+def trainable_text_encoder(cond_stage_model, enabled: bool) -> Iterator[None]:
+    """Make ComfyUI's CLIP layers differentiable for the duration of the context.
+
+    `comfy.clip_model.CLIPLayer.forward` adds its residuals in place (`x += ...`), which autograd
+    rejects because LayerNorm needs the unmodified input for its backward. We swap in the
+    out-of-place equivalent (same values) and restore the shared modules in `finally`.
+    """
+    patched = []
+    if enabled and cond_stage_model is not None:
+        for module in cond_stage_model.modules():
+            if type(module).__name__ == "CLIPLayer" and all(hasattr(module, a) for a in ("layer_norm1", "self_attn", "layer_norm2", "mlp")):
+                module.forward = _out_of_place_clip_layer(module)
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
