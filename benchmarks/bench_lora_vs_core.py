@@ -280,10 +280,12 @@ def profile_main(spec: dict) -> None:
 # Parent side: no torch here (so the children's peak RSS is theirs alone).
 # --------------------------------------------------------------------------------------------
 
-def _spawn(mode: str, spec: dict | None, threads: int, log_dir: Path, label: str) -> dict:
+def _spawn(mode: str, spec: dict | None, threads: int, log_dir: Path, label: str, wait_policy: str = "PASSIVE") -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
+    if wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = wait_policy
     env.setdefault("PYTHONHASHSEED", "0")
     cmd = [sys.executable, str(Path(__file__).resolve()), mode] + ([json.dumps(spec)] if spec is not None else [])
     log = log_dir / f"{label}.log"
@@ -299,6 +301,13 @@ def _spawn(mode: str, spec: dict | None, threads: int, log_dir: Path, label: str
         tail = log.read_text()[-4000:]
         raise SystemExit(f"child {label} failed (exit {proc.returncode}); log {log}:\n{tail}")
     return result or {}
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def _median(values):
@@ -355,6 +364,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per child")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "default"), default="PASSIVE",
+                        help="OMP_WAIT_POLICY of the children. PASSIVE (default) keeps idle OpenMP threads from "
+                             "spinning: on a 2-core machine shared with other work, spinning threads starve the "
+                             "main thread and make step times erratic (seen: 30x). 'default' leaves it unset.")
     parser.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the children's logs and outputs")
     parser.add_argument("--profile", action="store_true", help="profile a few of our steps instead of benchmarking")
@@ -368,19 +381,20 @@ def main(argv=None) -> int:
     from sample_images import make_sample_dataset  # PIL only
     images = work / "images"
     make_sample_dataset(images, n=N_IMAGES, size=IMAGE_SIZE, seed=args.seed)
-    checkpoint = _spawn("--prepare", None, args.threads, work, "prepare")["checkpoint"]
+    checkpoint = _spawn("--prepare", None, args.threads, work, "prepare", args.omp_wait_policy)["checkpoint"]
     base = {"checkpoint": checkpoint, "images": str(images), "steps": args.steps, "warmup": args.warmup,
             "threads": args.threads, "seed": args.seed}
 
     if args.profile:
         spec = dict(base, trainer="ours", config=args.profile_config, batch_size=args.batch_size[0], repeat=0,
                     output=str(work / "out-profile"))
-        _spawn("--profile-child", spec, args.threads, work, "profile")
+        _spawn("--profile-child", spec, args.threads, work, "profile", args.omp_wait_policy)
         return 0
 
     print(f"tiny SD1.5 (TAESD) {checkpoint}\n{N_IMAGES} images {IMAGE_SIZE}x{IMAGE_SIZE}, rank {RANK}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} repeats, {args.threads} threads, "
-          f"batch sizes {args.batch_size}, configs {args.configs}", flush=True)
+          f"batch sizes {args.batch_size}, configs {args.configs}, OMP_WAIT_POLICY {args.omp_wait_policy}\n"
+          f"load average at start {_loadavg()} ({os.cpu_count()} CPUs)", flush=True)
     results = []
     started = time.perf_counter()
     for repeat in range(args.repeats):
@@ -393,13 +407,13 @@ def main(argv=None) -> int:
                     spec = dict(base, trainer=trainer, config=config, batch_size=bs, repeat=repeat,
                                 output=str(work / f"out-{label}"))
                     t0 = time.perf_counter()
-                    r = _spawn("--child", spec, args.threads, work, label)
+                    r = _spawn("--child", spec, args.threads, work, label, args.omp_wait_policy)
                     results.append(r)
                     print(f"  {label:<28} median {1000 * _median(r['step_s']):7.1f} ms/step  peak {r['peak_rss_mb']:6.0f} MB  "
                           f"train +{r['train_peak_mb'] - r['rss_before_mb']:5.0f} MB  ({time.perf_counter() - t0:4.1f} s)",
                           flush=True)
     table, ratios = _summarise(results, args.configs, args.batch_size)
-    print(f"\nall runs: {time.perf_counter() - started:.0f} s\n")
+    print(f"\nall runs: {time.perf_counter() - started:.0f} s; load average at end {_loadavg()}\n")
     print("step time: median over runs of each run's median step (ms); p10-p90 over all timed steps")
     print("peak RSS: whole-process ru_maxrss (load + encode + train); train +MB: training-phase peak minus RSS before training")
     print()

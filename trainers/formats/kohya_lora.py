@@ -22,9 +22,11 @@ LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
 def unet_lora_names(base_model) -> dict[str, str]:
     """Map `diffusion_model.<path>.weight` -> kohya module name, preferring kohya's own naming."""
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
+    present = set(base_model.state_dict().keys())
     chosen: dict[str, str] = {}
     for lora_name, weight_key in key_map.items():
-        if not lora_name.startswith("lora_unet_"):
+        # ComfyUI's diffusers map lists every key of the config family, some absent from this model.
+        if not lora_name.startswith("lora_unet_") or weight_key not in present:
             continue
         current = chosen.get(weight_key)
         # Diffusers-style names (kohya's) win over the LDM-path alias when both exist.
