@@ -21,5 +21,5 @@ def lora_prompt(ckpt_name: str, folder, *, steps: int = 8, run_name: str = "test
     prompt["4"]["inputs"]["name"] = save_name
     prompt["7"]["inputs"].update(width=64, height=64)
     prompt["8"]["inputs"].update(steps=4, cfg=1.0)
-    prompt["10"]["inputs"]["filename_prefix"] = f"personalize_test/{run_name}"
+    prompt["10"]["inputs"]["filename_prefix"] = f"personalize/{run_name}"
     return prompt

@@ -1,0 +1,100 @@
+"""Loop options: gradient checkpointing, mixed precision, accumulation, schedules, bad settings."""
+import math
+
+import pytest
+import torch
+
+import comfy.sd
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_runtime):
+    class Pack:
+        loop = comfy_runtime.pack_import("trainers.loop")
+        job = comfy_runtime.pack_import("trainers.job")
+        optim = comfy_runtime.pack_import("trainers.optim")
+        methods = comfy_runtime.pack_import("trainers.methods")
+        dataset_nodes = comfy_runtime.pack_import("nodes.dataset")
+    return Pack
+
+
+@pytest.fixture(scope="module")
+def setup(pack, tiny_checkpoint_path, tmp_path_factory):
+    from harness import make_sample_dataset
+    folder = tmp_path_factory.mktemp("options-data")
+    make_sample_dataset(folder, n=4, size=64, seed=1, subject="sks")
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True, output_clip=True)
+        data = pack.dataset_nodes.build_training_data(str(folder), vae, clip, 64, "sks", "", True)
+    return model, clip, data
+
+
+def _run(pack, setup, tmp_path, steps=3, **job_options):
+    model, clip, data = setup
+    options = {"rank": 4, "alpha": 4.0}
+    job = pack.job.TrainJob(steps=steps, batch_size=2, learning_rate=1e-3, seed=0, method_options=options, **job_options)
+    method = pack.methods.create_method("lora", options)
+    with torch.inference_mode():
+        result = pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path)
+    return result, method.export()
+
+
+def test_gradient_checkpointing_gives_the_same_training(pack, setup, tmp_path):
+    plain, plain_lora = _run(pack, setup, tmp_path / "a")
+    ckpt, ckpt_lora = _run(pack, setup, tmp_path / "b", gradient_checkpointing=True)
+    assert plain.loss_history == pytest.approx(ckpt.loss_history, rel=1e-5)
+    for key in plain_lora:
+        torch.testing.assert_close(plain_lora[key], ckpt_lora[key], rtol=1e-4, atol=1e-6)
+    model = setup[0].model.diffusion_model
+    assert all("forward" not in block.__dict__ for block in model.input_blocks), "checkpointing was not undone"
+
+
+def test_bf16_autocast_trains_with_fp32_weights(pack, setup, tmp_path):
+    result, lora = _run(pack, setup, tmp_path, precision="bf16")
+    assert all(math.isfinite(x) for x in result.loss_history)
+    assert all(t.dtype == torch.float32 for t in lora.values())
+
+
+def test_accumulation_and_huber_and_offset(pack, setup, tmp_path):
+    result, _ = _run(pack, setup, tmp_path, grad_accumulation=2, loss_type="huber", noise_offset=0.05,
+                     lr_scheduler="cosine", warmup_steps=1)
+    assert len(result.loss_history) == 3 and all(math.isfinite(x) for x in result.loss_history)
+
+
+def test_schedules(pack):
+    job = pack.job.TrainJob(steps=10, warmup_steps=2, lr_scheduler="cosine")
+    factors = [pack.optim.lr_factor(job, s) for s in range(10)]
+    assert factors[0] < factors[1] < factors[2] == 1.0
+    assert factors[-1] < 0.05
+    linear = pack.job.TrainJob(steps=4, lr_scheduler="linear")
+    assert [pack.optim.lr_factor(linear, s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("steps", 0, "`steps`"), ("batch_size", 0, "`batch_size`"), ("learning_rate", 0.0, "`learning_rate`"),
+    ("timestep_range", (0.5, 0.2), "`timestep_range`"), ("optimizer", "lion", "`optimizer`"),
+])
+def test_bad_settings_name_the_field(pack, field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        pack.job.TrainJob(**{field: value})
+
+
+@pytest.mark.parametrize("options,needle", [({"rank": 0}, "`rank`"), ({"alpha": 0}, "`alpha`"),
+                                             ({"targets": "everything"}, "`targets`")])
+def test_bad_lora_options_name_the_field(pack, options, needle):
+    with pytest.raises(ValueError, match=needle):
+        pack.methods.create_method("lora", options)
+
+
+def test_eight_bit_adam_without_a_gpu_says_what_to_do(pack, setup, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="adamw8bit needs"):
+        _run(pack, setup, tmp_path, optimizer="adamw8bit")
+
+
+def test_job_round_trips_through_json(pack):
+    job = pack.job.TrainJob(steps=7, method_options={"rank": 8}, timestep_range=(0.1, 0.9))
+    assert pack.job.TrainJob.from_dict(__import__("json").loads(job.to_json())) == job
+    with pytest.raises(ValueError, match="unknown training settings"):
+        pack.job.TrainJob.from_dict({"stepz": 3})
