@@ -195,6 +195,11 @@ def child_main(spec: dict) -> None:
     stamps: list[float] = []
     register_optimizer_step_post_hook(lambda opt, a, kw: stamps.append(time.perf_counter()))
 
+    # The UNet's batch per forward: core evaluates every caption of a batch against every latent of it.
+    forward_batches: list[int] = []
+    model.model.diffusion_model.register_forward_pre_hook(
+        lambda module, args: forward_batches.append(int(args[0].shape[0])))
+
     rss_before_kb = _proc_status_kb("VmRSS")
     hwm_reset = _reset_peak_rss()
     started = time.perf_counter()
@@ -217,7 +222,8 @@ def child_main(spec: dict) -> None:
         "rss_before_mb": rss_before_kb / 1024 if rss_before_kb else None,
         "peak_rss_mb": maxrss_kb / 1024,
         "train_peak_mb": (hwm_kb if hwm_kb is not None else maxrss_kb) / 1024,
-        "hwm_reset": hwm_reset, "trainable_params": trainable, "final_loss": float(losses[-1]),
+        "hwm_reset": hwm_reset, "trainable_params": trainable,
+        "forward_batch": max(forward_batches) if forward_batches else None, "final_loss": float(losses[-1]),
         "losses_finite": all(l == l and abs(l) != float("inf") for l in losses), "settings": settings,
         "threads": torch.get_num_threads(),
     }
@@ -317,7 +323,7 @@ def _median(values):
 def _summarise(results: list[dict], configs, batch_sizes) -> tuple[str, list[dict]]:
     lines, ratios = [], []
     header = (f"{'config':<9} {'bs':>2} {'trainer':<7} {'runs':>4} {'median ms/step':>14} {'p10-p90 ms':>15} "
-              f"{'peak RSS MB':>11} {'RSS before':>10} {'train +MB':>9} {'train params':>12} {'final loss':>10}")
+              f"{'peak RSS MB':>11} {'RSS before':>10} {'train +MB':>9} {'train params':>12} {'UNet batch':>10} {'final loss':>10}")
     lines.append(header)
     lines.append("-" * len(header))
     for config in configs:
@@ -329,8 +335,8 @@ def _summarise(results: list[dict], configs, batch_sizes) -> tuple[str, list[dic
                     continue
                 steps = sorted(s for r in runs for s in r["step_s"])
                 run_medians = [_median(r["step_s"]) for r in runs]
-                p10 = steps[int(0.1 * (len(steps) - 1))]
-                p90 = steps[int(0.9 * (len(steps) - 1))]
+                p10 = steps[round(0.1 * (len(steps) - 1))]
+                p90 = steps[round(0.9 * (len(steps) - 1))]
                 peak = _median([r["peak_rss_mb"] for r in runs])
                 before = _median([r["rss_before_mb"] for r in runs])
                 increase = _median([r["train_peak_mb"] - r["rss_before_mb"] for r in runs])
@@ -338,7 +344,8 @@ def _summarise(results: list[dict], configs, batch_sizes) -> tuple[str, list[dic
                                 "pairs": {r["repeat"]: r for r in runs}}
                 lines.append(f"{config:<9} {bs:>2} {trainer:<7} {len(runs):>4} {1000 * row[trainer]['step']:>14.1f} "
                              f"{1000 * p10:>7.1f}-{1000 * p90:<7.1f} {peak:>11.0f} {before:>10.0f} {increase:>9.0f} "
-                             f"{runs[0]['trainable_params']:>12,} {_median([r['final_loss'] for r in runs]):>10.4f}")
+                             f"{runs[0]['trainable_params']:>12,} {runs[0]['forward_batch']:>10} "
+                             f"{_median([r['final_loss'] for r in runs]):>10.4f}")
             if "ours" in row and "core" in row:
                 ours, core = row["ours"], row["core"]
                 paired = [_median(ours["pairs"][k]["step_s"]) / _median(core["pairs"][k]["step_s"])
@@ -416,6 +423,7 @@ def main(argv=None) -> int:
     print(f"\nall runs: {time.perf_counter() - started:.0f} s; load average at end {_loadavg()}\n")
     print("step time: median over runs of each run's median step (ms); p10-p90 over all timed steps")
     print("peak RSS: whole-process ru_maxrss (load + encode + train); train +MB: training-phase peak minus RSS before training")
+    print("UNet batch: samples per UNet forward (core pairs every caption of a batch with every latent: batch^2)")
     print()
     print(table)
     print("targets: step time ratio <= 0.8, memory ratio <= 1.0 (ours/core; < 1 = ours better)")

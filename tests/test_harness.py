@@ -148,7 +148,7 @@ def test_txt2img_in_process(comfy_runtime, tiny_checkpoint):
     types = _event_types(result["events"])
     assert types[0] == "execution_start" and "execution_success" in types
     executing = [e["data"]["node"] for e in result["events"] if e["type"] == "executing"]
-    assert {"1", "5", "7"} <= set(executing) and executing[-1] is None
+    assert {"5", "7"} <= set(executing) and executing[-1] is None  # "1" may be cached by earlier tests
     progress = [e["data"] for e in result["events"] if e["type"] == "progress"]
     assert [(p["value"], p["max"], p["node"]) for p in progress] == [(1, 2, "5"), (2, 2, "5")]
     executed = [e["data"] for e in result["events"] if e["type"] == "executed"]
@@ -234,7 +234,7 @@ def test_txt2img_over_http(comfy_server, tiny_checkpoint):
     types = _event_types(events)
     assert "execution_start" in types and "execution_success" in types
     executing = [e["data"]["node"] for e in events if e["type"] == "executing"]
-    assert {"1", "5", "7"} <= set(executing) and executing[-1] is None
+    assert {"5", "7"} <= set(executing) and executing[-1] is None  # "1" may be cached by earlier tests
     progress = [e["data"] for e in events if e["type"] == "progress"]
     assert [(p["value"], p["max"], p["node"]) for p in progress] == [(1, 2, "5"), (2, 2, "5")]
     executed = [e["data"] for e in events if e["type"] == "executed"]
