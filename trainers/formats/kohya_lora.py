@@ -2,8 +2,10 @@
 
 Names come from ComfyUI's own loader maps (`comfy.lora.model_lora_keys_unet/clip`), so whatever we
 write is exactly what the stock `LoraLoader` resolves. Among the aliases ComfyUI accepts we pick
-the ones kohya sd-scripts writes: diffusers-style UNet names (`lora_unet_down_blocks_0_...`),
-`lora_te_` for one text encoder and `lora_te1_`/`lora_te2_` for SDXL's two.
+the ones kohya sd-scripts writes: for SD1.x/SD2.x (trained on diffusers' UNet there) diffusers-style
+UNet names (`lora_unet_down_blocks_0_...`); for SDXL (trained on the original SGM UNet) the LDM
+path (`lora_unet_input_blocks_4_1_...`); `lora_te_` for one text encoder, `lora_te1_`/`lora_te2_`
+for SDXL's two.
 """
 from __future__ import annotations
 
@@ -23,15 +25,14 @@ def unet_lora_names(base_model) -> dict[str, str]:
     """Map `diffusion_model.<path>.weight` -> kohya module name, preferring kohya's own naming."""
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
     present = set(base_model.state_dict().keys())
+    prefer_ldm = _family(base_model) == "sdxl"
     chosen: dict[str, str] = {}
     for lora_name, weight_key in key_map.items():
         # ComfyUI's diffusers map lists every key of the config family, some absent from this model.
         if not lora_name.startswith("lora_unet_") or weight_key not in present:
             continue
-        current = chosen.get(weight_key)
-        # Diffusers-style names (kohya's) win over the LDM-path alias when both exist.
-        is_ldm_alias = lora_name == "lora_unet_" + weight_key[len("diffusion_model."):-len(".weight")].replace(".", "_")
-        if current is None or not is_ldm_alias:
+        is_ldm_path = lora_name == "lora_unet_" + weight_key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+        if weight_key not in chosen or is_ldm_path == prefer_ldm:
             chosen[weight_key] = lora_name
     return chosen
 
@@ -92,10 +93,15 @@ def check_fits(state_dict: dict[str, torch.Tensor], model=None, clip=None, *, wh
             )
 
 
+def _family(base_model) -> str:
+    name = type(base_model.model_config).__name__.lower()
+    return {"sd15": "sd1", "sd20": "sd2", "sd21unclipl": "sd2", "sd21unclipc": "sd2", "sdxl": "sdxl",
+            "sdxlrefiner": "sdxl", "ssd1b": "sdxl", "segmind_vega": "sdxl"}.get(name, name)
+
+
 def base_model_family(model) -> str:
-    """`sd15`, `sd2`, `sdxl`, ... from ComfyUI's detected model config class."""
-    name = type(model.model.model_config).__name__.lower()
-    return {"sd15": "sd1", "sd20": "sd2", "sd21unclipl": "sd2", "sdxl": "sdxl"}.get(name, name)
+    """`sd1`, `sd2`, `sdxl`, ... of a MODEL, from ComfyUI's detected model config class."""
+    return _family(model.model)
 
 
 def kohya_metadata(*, rank: int, alpha: float, base_model: str, resolution: tuple[int, int], steps: int,
