@@ -29,6 +29,14 @@ def _read_caption(image: Path) -> str | None:
     return None
 
 
+def with_trigger(caption: str, trigger_word: str) -> str:
+    """Prepend the trigger word unless the caption already names it."""
+    trigger = trigger_word.strip()
+    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
 def scan_folder(folder: str | Path, *, trigger_word: str = "", instance_prompt: str = "") -> list[ImageEntry]:
     """List images with their caption and repeat count; raise ValueError naming what is wrong."""
     root = Path(folder).expanduser()
@@ -51,8 +59,7 @@ def scan_folder(folder: str | Path, *, trigger_word: str = "", instance_prompt: 
             caption = _read_caption(path)
             if caption is None or not caption:
                 caption = instance_prompt.strip()
-            if trigger_word.strip() and trigger_word.strip() not in caption.split(", ")[0:1]:
-                caption = f"{trigger_word.strip()}, {caption}" if caption else trigger_word.strip()
+            caption = with_trigger(caption, trigger_word)
             entries.append(ImageEntry(path, caption, repeats))
     if not entries:
         raise ValueError(f"`folder` {str(root)!r} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
