@@ -82,3 +82,17 @@ def sample_dataset(tmp_path) -> Path:
     make_sample_dataset(folder, n=6, size=64, seed=0, subject="sks")
     return folder
 
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_runtime):
+    """The pack's engine modules as ComfyUI loaded them (attribute per module)."""
+    class Pack:
+        loop = comfy_runtime.pack_import("trainers.loop")
+        job = comfy_runtime.pack_import("trainers.job")
+        optim = comfy_runtime.pack_import("trainers.optim")
+        methods = comfy_runtime.pack_import("trainers.methods")
+        progress = comfy_runtime.pack_import("trainers.progress")
+        model_runtime = comfy_runtime.pack_import("trainers.model_runtime")
+        dataset_nodes = comfy_runtime.pack_import("nodes.dataset")
+    return Pack

@@ -35,18 +35,6 @@ class _CancelAt:
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_runtime):
-    class Pack:
-        loop = comfy_runtime.pack_import("trainers.loop")
-        job = comfy_runtime.pack_import("trainers.job")
-        methods = comfy_runtime.pack_import("trainers.methods")
-        dataset_nodes = comfy_runtime.pack_import("nodes.dataset")
-        progress = comfy_runtime.pack_import("trainers.progress")
-        model_runtime = comfy_runtime.pack_import("trainers.model_runtime")
-    return Pack
-
-
-@pytest.fixture(scope="module")
 def base(tiny_checkpoint_path):
     with torch.inference_mode():
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True, output_clip=True)

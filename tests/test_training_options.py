@@ -8,17 +8,6 @@ import comfy.sd
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_runtime):
-    class Pack:
-        loop = comfy_runtime.pack_import("trainers.loop")
-        job = comfy_runtime.pack_import("trainers.job")
-        optim = comfy_runtime.pack_import("trainers.optim")
-        methods = comfy_runtime.pack_import("trainers.methods")
-        dataset_nodes = comfy_runtime.pack_import("nodes.dataset")
-    return Pack
-
-
-@pytest.fixture(scope="module")
 def setup(pack, tiny_checkpoint_path, tmp_path_factory):
     from harness import make_sample_dataset
     folder = tmp_path_factory.mktemp("options-data")
