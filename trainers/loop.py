@@ -71,11 +71,13 @@ def train(job: TrainJob, method: TrainingMethod, model, clip, data: TrainingData
 
 def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter) -> TrainResult:
     # 1. Freeze the base and attach the method's trainable weights to clones.
-    for base in (model.model, clip.cond_stage_model if clip is not None else None):
-        if base is not None:
-            make_autograd_safe(base)
-            base.requires_grad_(False)
+    make_autograd_safe(model.model)
+    model.model.requires_grad_(False)
+    if clip is not None:
+        clip.cond_stage_model.requires_grad_(False)
     attached = method.attach(model, clip, torch.Generator().manual_seed(job.seed))
+    if attached.trains_text_encoder:
+        make_autograd_safe(attached.clip.cond_stage_model)
     patcher = attached.model
     device = patcher.load_device
     trainables = [p for g in attached.groups for p in g.params]
