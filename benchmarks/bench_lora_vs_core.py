@@ -30,13 +30,14 @@ Usage (from the repository root):
   . scripts/bootstrap.sh
   $PERSONALIZE_PYTHON benchmarks/bench_lora_vs_core.py [--steps 20] [--warmup 3] [--repeats 3]
       [--batch-size 2 4] [--threads 2] [--configs defaults matched] [--json out.json]
-  $PERSONALIZE_PYTHON benchmarks/bench_lora_vs_core.py --profile [--profile-config matched]
+  $PERSONALIZE_PYTHON benchmarks/bench_lora_vs_core.py --profile --steps 5 [--profile-config matched]
       [--batch-size 2]      # torch.profiler + cProfile of a few of our steps instead
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -224,7 +225,7 @@ def child_main(spec: dict) -> None:
         "train_peak_mb": (hwm_kb if hwm_kb is not None else maxrss_kb) / 1024,
         "hwm_reset": hwm_reset, "trainable_params": trainable,
         "forward_batch": max(forward_batches) if forward_batches else None, "final_loss": float(losses[-1]),
-        "losses_finite": all(l == l and abs(l) != float("inf") for l in losses), "settings": settings,
+        "losses_finite": all(math.isfinite(x) for x in losses), "settings": settings,
         "threads": torch.get_num_threads(),
     }
     print(RESULT_TAG + json.dumps(result), flush=True)
@@ -248,7 +249,6 @@ def profile_main(spec: dict) -> None:
     folder_paths.set_output_directory(spec["output"])
     torch.manual_seed(spec["seed"])
     model, clip, data, _, _ = _load_inputs(spec)
-    loop = sys.modules[f"{PACKAGE}.trainers.loop"]
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
     state = {"n": 0, "prof": None, "cprof": cProfile.Profile()}
@@ -265,7 +265,6 @@ def profile_main(spec: dict) -> None:
             state["prof"].__exit__(None, None, None)
 
     register_optimizer_step_post_hook(on_step)
-    del loop
     _run_ours(spec, model, clip, data)
     n = spec["steps"]
     print(f"\n=== torch.profiler: ours, config={spec['config']}, batch={spec['batch_size']}, {n} steps "
@@ -419,6 +418,9 @@ def main(argv=None) -> int:
                     print(f"  {label:<28} median {1000 * _median(r['step_s']):7.1f} ms/step  peak {r['peak_rss_mb']:6.0f} MB  "
                           f"train +{r['train_peak_mb'] - r['rss_before_mb']:5.0f} MB  ({time.perf_counter() - t0:4.1f} s)",
                           flush=True)
+    for r in results:
+        if not r["losses_finite"]:
+            print(f"warning: {r['trainer']} {r['config']} bs {r['batch_size']} repeat {r['repeat']} had a non-finite loss")
     table, ratios = _summarise(results, args.configs, args.batch_size)
     print(f"\nall runs: {time.perf_counter() - started:.0f} s; load average at end {_loadavg()}\n")
     print("step time: median over runs of each run's median step (ms); p10-p90 over all timed steps")

@@ -20,7 +20,8 @@ def build_optimizer(job: TrainJob, groups: list[ParamGroup]) -> torch.optim.Opti
     if not param_groups:
         raise ValueError("nothing to train: every trainable group has learning rate 0.")
     if job.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, weight_decay=job.weight_decay, foreach=False)
+        fused = all(p.dtype == torch.float32 for g in param_groups for p in g["params"])
+        return torch.optim.AdamW(param_groups, weight_decay=job.weight_decay, fused=fused or None)
     if job.optimizer == "sgd":
         return torch.optim.SGD(param_groups, momentum=0.9)
     if job.optimizer == "adafactor":
