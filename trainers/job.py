@@ -42,6 +42,7 @@ class TrainJob:
     huber_delta: float = field(default=0.1, **_help("Huber loss threshold (only for loss_type huber)."))
     min_snr_gamma: float = field(default=0.0, **_help("Min-SNR-gamma loss weighting (5 is the paper's value); 0 turns it off."))
     noise_offset: float = field(default=0.0, **_help("Noise offset (e.g. 0.05) to learn very dark or bright images."))
+    prior_loss_weight: float = field(default=1.0, **_help("Weight of the class-image (prior preservation) loss, when the dataset has class images."))
     timestep_range: tuple[float, float] = field(default=(0.0, 1.0), **_help("Fraction of the noise schedule to sample timesteps from (0 = least noise)."))
     precision: Precision = field(default="fp32", **_help("Autocast dtype for the forward pass; trainable weights stay fp32."))
     gradient_checkpointing: bool = field(default=False, **_help("Recompute activations in the backward pass: less memory, ~30% slower."))
@@ -66,6 +67,8 @@ class TrainJob:
         for name, allowed in (("loss_type", LossType), ("lr_scheduler", Scheduler), ("optimizer", Optimizer), ("precision", Precision)):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"`{name}` must be one of {allowed.__args__}, got {getattr(self, name)!r}.")
+        if self.prior_loss_weight < 0:
+            raise ValueError(f"`prior_loss_weight` must be 0 or more, got {self.prior_loss_weight}.")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("`warmup_steps` and `checkpoint_every` must be >= 0 and `keep_checkpoints` >= 1.")
         self.timestep_range = (float(lo), float(hi))

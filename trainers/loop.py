@@ -19,11 +19,12 @@ import comfy.model_management
 
 from . import checkpoint as ckpt
 from . import objectives
-from .data.dataset import BatchSampler, TrainingData, clip_identity, encode_captions
+from .conditioning import CaptionConditioner
+from .data.dataset import BatchSampler, TrainingData
 from .job import TrainJob
 from .methods import Attached, TrainingMethod
-from .model_runtime import (Denoiser, batch_model_conds, encode_sample_conds, gradient_checkpointing,
-                            load_for_training, make_autograd_safe, release_training_model, trainable_text_encoder)
+from .model_runtime import (Denoiser, gradient_checkpointing, load_for_training, make_autograd_safe,
+                            release_training_model, trainable_text_encoder)
 from .optim import build_optimizer, build_scheduler
 from .progress import Reporter
 
@@ -57,19 +58,22 @@ def _to_device(model_conds: dict, device) -> dict:
 
 
 def train(job: TrainJob, method: TrainingMethod, model, clip, data: TrainingData, *, checkpoint_dir: Path,
-          resume_from: str | Path | None = None, reporter: Reporter | None = None) -> TrainResult:
-    """Train `method` on `data` with ComfyUI MODEL/CLIP inputs (never mutated) and return the result."""
+          resume_from: str | Path | None = None, reporter: Reporter | None = None, text_cache=None,
+          clip_fp: str | None = None) -> TrainResult:
+    """Train `method` on `data` with ComfyUI MODEL/CLIP inputs (never mutated) and return the result.
+
+    `text_cache`/`clip_fp`: an optional on-disk text-encoder cache (trainers.data.cache) for caption
+    variants, keyed by the CLIP's fingerprint.
+    """
     if len(data) == 0:
         raise ValueError("the dataset is empty: add images to the dataset folder.")
-    if len(data.latent_shapes()) > 1:
-        raise ValueError(f"all training latents must share one size for now, got {sorted(data.latent_shapes())}.")
     reporter = reporter or Reporter(job.steps)
     checkpoint_dir = Path(checkpoint_dir)
     with torch.inference_mode(False), torch.enable_grad():
-        return _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter)
+        return _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter, text_cache, clip_fp)
 
 
-def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter) -> TrainResult:
+def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter, text_cache, clip_fp) -> TrainResult:
     # 1. Freeze the base and attach the method's trainable weights to clones.
     make_autograd_safe(model.model)
     model.model.requires_grad_(False)
@@ -99,25 +103,19 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
         global_step, loss_history = int(state["global_step"]), list(state["loss_history"])
         log.info("resumed from %s at step %d", resume_from, global_step)
 
-    # 3. Conditioning: encoded once unless the text encoder trains.
+    # 3. Data streams (instance images, and class images for prior preservation) and conditioning.
     model_sampling = patcher.get_model_object("model_sampling")
     base_model = patcher.model
-    sample_latent = data.samples[0].latent
-    fixed_conds = None
-    if not attached.trains_text_encoder:
-        if attached.clip is not None and data.clip_key != clip_identity(attached.clip):
-            conditionings = encode_captions(attached.clip, [s.caption for s in data.samples])
-        elif all(s.conditioning is not None for s in data.samples):
-            conditionings = [s.conditioning for s in data.samples]
-        else:
-            raise ValueError("the dataset has no encoded captions and no CLIP is connected: connect a CLIP.")
-        fixed_conds = [_to_device(encode_sample_conds(patcher, c, sample_latent, device), device) for c in conditionings]
-
-    sampler = BatchSampler(len(data), job.batch_size, job.seed)
+    conditioner = CaptionConditioner(patcher, attached.clip, device, trains_text_encoder=attached.trains_text_encoder,
+                                     text_cache=text_cache, clip_fp=clip_fp, dataset_clip_key=data.clip_key)
+    streams = [_Stream(data.samples, job.batch_size, job.seed, 1.0, data.caption_options)]
+    if data.class_samples and job.prior_loss_weight > 0:
+        streams.append(_Stream(data.class_samples, job.batch_size, job.seed + 1, job.prior_loss_weight, None))
     denoiser = Denoiser(patcher)
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[job.precision]) if job.precision in _AUTOCAST
                 else contextlib.nullcontext())
     summary = {"method": method.name, "steps": job.steps, "start_step": global_step, "samples": len(data),
+               "class_samples": len(data.class_samples), "buckets": len(data.buckets()),
                "trainable_params": sum(p.numel() for p in trainables), **method.describe()}
     log.info("training %s", summary)
     reporter.start(summary)
@@ -143,27 +141,9 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                     if reporter.interrupted():
                         raise _Cancelled()
                     micro_step = global_step * job.grad_accumulation + micro
-                    generator = _micro_step_generator(job.seed, micro_step)
-                    indices = sampler.indices(micro_step)
-                    latents = _batch_latents(data, indices, generator).to(device)
-                    latents = base_model.process_latent_in(latents)
-                    noised = objectives.add_noise(model_sampling, latents, generator, noise_offset=job.noise_offset,
-                                                  timestep_range=job.timestep_range)
-                    if fixed_conds is not None:
-                        model_conds = batch_model_conds([fixed_conds[i] for i in indices])
-                    else:
-                        captions = [data.samples[i].caption for i in indices]
-                        model_conds = batch_model_conds([
-                            _to_device(encode_sample_conds(patcher, c, sample_latent, device), device)
-                            for c in encode_captions(attached.clip, captions)])
-                    with autocast:
-                        denoised = denoiser(noised.noisy, noised.sigmas, model_conds)
-                    model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), latents,
-                                                                     noised.noisy, noised.sigmas)
-                    losses = objectives.per_sample_loss(model_pred, target, job.loss_type, job.huber_delta)
-                    if job.min_snr_gamma > 0:
-                        losses = losses * objectives.min_snr_weights(model_sampling, noised.sigmas, job.min_snr_gamma).to(losses)
-                    loss = losses.mean() / job.grad_accumulation
+                    loss = sum(stream.weight * _stream_loss(stream, micro_step, job, base_model, model_sampling,
+                                                            denoiser, conditioner, autocast, device)
+                               for stream in streams) / job.grad_accumulation
                     loss.backward()
                     step_loss += loss.item()
                 if not torch.isfinite(torch.tensor(step_loss)):
@@ -205,14 +185,56 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                        final_checkpoint=final, summary=summary)
 
 
-def _batch_latents(data: TrainingData, indices: list[int], generator: torch.Generator) -> torch.Tensor:
-    flips = torch.rand(len(indices), generator=generator)
-    out = []
-    for index, flip in zip(indices, flips.tolist()):
-        sample = data.samples[index]
-        use_flipped = sample.latent_flipped is not None and flip < 0.5
-        out.append(sample.latent_flipped if use_flipped else sample.latent)
-    return torch.stack(out).float()
+class _Stream:
+    """One source of batches (instance or class images) with its loss weight and caption processing."""
+
+    def __init__(self, samples, batch_size, seed, weight, caption_options):
+        self.samples, self.seed, self.weight = samples, seed, weight
+        self.sampler = BatchSampler([s.bucket for s in samples], batch_size, seed)
+        self.caption_options = caption_options
+        if caption_options is not None:
+            from .data.captions import is_identity
+            if is_identity(caption_options):
+                self.caption_options = None
+
+    def captions(self, indices: list[int], micro_step: int) -> list[str]:
+        if self.caption_options is None:
+            return [self.samples[i].caption for i in indices]
+        from .data.captions import caption_rng, process_caption
+        epoch = self.sampler.epoch_of(micro_step)
+        return [process_caption(self.samples[i].caption, self.caption_options, caption_rng(self.seed, epoch, i))
+                for i in indices]
+
+
+def _stream_loss(stream: _Stream, micro_step, job, base_model, model_sampling, denoiser, conditioner, autocast, device):
+    """Loss of one batch of a stream: noise and timesteps from the model's sampling, prediction-space
+    target, optional mask and min-SNR weights."""
+    generator = _micro_step_generator(stream.seed, micro_step)
+    indices = stream.sampler.indices(micro_step)
+    samples = [stream.samples[i] for i in indices]
+    flips = torch.rand(len(samples), generator=generator).tolist()
+    use_flip = [s.latent_flipped is not None and f < 0.5 for s, f in zip(samples, flips)]
+    latents = torch.stack([s.latent_flipped if f else s.latent for s, f in zip(samples, use_flip)]).float().to(device)
+    latents = base_model.process_latent_in(latents)
+    noised = objectives.add_noise(model_sampling, latents, generator, noise_offset=job.noise_offset,
+                                  timestep_range=job.timestep_range)
+    model_conds = conditioner.batch(stream.captions(indices, micro_step), samples, samples[0].latent)
+    with autocast:
+        denoised = denoiser(noised.noisy, noised.sigmas, model_conds)
+    model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), latents, noised.noisy, noised.sigmas)
+    masks = None
+    if any(s.mask is not None for s in samples):
+        masks = torch.stack([_mask_of(s, f) for s, f in zip(samples, use_flip)]).to(device)
+    losses = objectives.per_sample_loss(model_pred, target, job.loss_type, job.huber_delta, masks)
+    if job.min_snr_gamma > 0:
+        losses = losses * objectives.min_snr_weights(model_sampling, noised.sigmas, job.min_snr_gamma).to(losses)
+    return losses.mean()
+
+
+def _mask_of(sample, flipped: bool) -> torch.Tensor:
+    if sample.mask is None:
+        return torch.ones(sample.latent.shape[-2:])
+    return sample.mask_flipped if flipped and sample.mask_flipped is not None else sample.mask
 
 
 _MUST_MATCH = ("method", "batch_size", "grad_accumulation", "seed", "optimizer")

@@ -87,10 +87,14 @@ def min_snr_weights(model_sampling, sigmas: torch.Tensor, gamma: float) -> torch
     return torch.minimum(snr, torch.full_like(snr, gamma)) * b.reshape(-1).float() ** 2
 
 
-def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_delta: float) -> torch.Tensor:
-    """Mean loss per sample, shape [B]."""
+def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_delta: float,
+                    masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss per sample, shape [B]; with `masks` ([B, h, w] weights) a mask-weighted mean."""
     if loss_type == "huber":
         elementwise = F.huber_loss(model_pred, target, reduction="none", delta=huber_delta)
     else:
         elementwise = F.mse_loss(model_pred, target, reduction="none")
-    return elementwise.flatten(1).mean(dim=1)
+    if masks is None:
+        return elementwise.flatten(1).mean(dim=1)
+    weights = masks.to(elementwise).unsqueeze(1).expand_as(elementwise)
+    return (elementwise * weights).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1).clamp_min(1e-6)

@@ -1,7 +1,7 @@
-"""The in-memory training set the loop consumes, and the deterministic batch order."""
+"""The in-memory training set the loop consumes, and the deterministic, bucket-aware batch order."""
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -13,17 +13,25 @@ class TrainSample:
     caption: str
     source: str
     latent_flipped: torch.Tensor | None = None  # present when horizontal flip is on
-    conditioning: list | None = None  # CONDITIONING from the dataset's CLIP
+    conditioning: list | None = None  # CONDITIONING of `caption` from the dataset's CLIP
+    mask: torch.Tensor | None = None  # [h, w] loss weights at latent resolution (masked loss)
+    mask_flipped: torch.Tensor | None = None
+
+    @property
+    def bucket(self) -> tuple[int, ...]:
+        return tuple(self.latent.shape)
 
 
 @dataclass
 class TrainingData:
-    """Samples (with kohya repeats already expanded) plus what produced them."""
+    """Samples (kohya repeats already expanded), optional class images, and what produced them."""
 
     samples: list[TrainSample]
     resolution: tuple[int, int]
     clip_key: tuple | None = None
     settings: dict = field(default_factory=dict)
+    class_samples: list[TrainSample] = field(default_factory=list)  # prior preservation stream
+    caption_options: object | None = None  # trainers.data.captions.CaptionOptions
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -35,13 +43,15 @@ class TrainingData:
             counts.update(t.strip() for t in sample.caption.split(",") if t.strip())
         return dict(counts)
 
-    def latent_shapes(self) -> set[tuple]:
-        return {tuple(s.latent.shape) for s in self.samples}
+    def buckets(self) -> dict[tuple, int]:
+        return dict(Counter(s.bucket for s in self.samples))
 
 
 def clip_identity(clip) -> tuple:
     """Identifies a CLIP and its patches: conditionings from an equal key are interchangeable."""
-    return (id(clip.cond_stage_model), clip.patcher.patches_uuid, id(clip.patcher.weight_wrapper_patches) if clip.patcher.weight_wrapper_patches else None)
+    patcher = clip.patcher
+    wrappers = id(patcher.weight_wrapper_patches) if patcher.weight_wrapper_patches else None
+    return (id(clip.cond_stage_model), patcher.patches_uuid, wrappers, clip.layer_idx)
 
 
 def encode_captions(clip, captions: list[str]) -> list[list]:
@@ -57,28 +67,36 @@ def encode_captions(clip, captions: list[str]) -> list[list]:
 
 
 class BatchSampler:
-    """Batches as a pure function of (seed, micro step): a shuffled pass over the data per epoch.
+    """Batches as a pure function of (seed, micro step), each drawn from one bucket (kohya).
 
-    Resuming at any step needs nothing but the step number, and two runs with one seed see the
-    same batches in the same order.
+    Per epoch the indices of every bucket are shuffled and cut into batches, and the batches are
+    shuffled. Resuming needs nothing but the step number; one seed gives one order.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int):
-        if size < 1:
+    def __init__(self, buckets: list[tuple], batch_size: int, seed: int):
+        if not buckets:
             raise ValueError("the dataset is empty")
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self._epochs: dict[int, list[int]] = {}
+        self.batch_size, self.seed = batch_size, seed
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, bucket in enumerate(buckets):
+            groups[bucket].append(index)
+        self.groups = [groups[k] for k in sorted(groups)]
+        self.batches_per_epoch = sum(-(-len(g) // batch_size) for g in self.groups)
+        self._cache: tuple[int, list[list[int]]] | None = None
 
-    def _epoch(self, epoch: int) -> list[int]:
-        if epoch not in self._epochs:
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._epochs = {epoch: torch.randperm(self.size, generator=generator).tolist()}
-        return self._epochs[epoch]
+            batches = []
+            for group in self.groups:
+                order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+                batches.extend(order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
+            self._cache = (epoch, [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
+        return self._cache[1]
+
+    def epoch_of(self, micro_step: int) -> int:
+        return micro_step // self.batches_per_epoch
 
     def indices(self, micro_step: int) -> list[int]:
-        start = micro_step * self.batch_size
-        out = []
-        for position in range(start, start + self.batch_size):
-            epoch, offset = divmod(position, self.size)
-            out.append(self._epoch(epoch)[offset])
-        return out
+        epoch, position = divmod(micro_step, self.batches_per_epoch)
+        return self._epoch(epoch)[position]

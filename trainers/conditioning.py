@@ -1,0 +1,70 @@
+"""Captions to model conditioning during training: per-step caption variants, memoized encodes,
+an optional on-disk text-encoder cache, and gradients when the text encoder trains."""
+from __future__ import annotations
+
+import logging
+
+from .data.dataset import TrainSample, clip_identity, encode_captions
+from .model_runtime import batch_model_conds, encode_sample_conds
+
+log = logging.getLogger("comfyui-personalize")
+
+
+class CaptionConditioner:
+    """Model conds for a batch of captions.
+
+    With a frozen text encoder each distinct caption is encoded once per run (and, with a disk
+    cache, once ever): a caption the dataset already encoded with this CLIP is reused as is.
+    A training text encoder is run on every step with gradients and nothing is cached.
+    """
+
+    def __init__(self, patcher, clip, device, *, trains_text_encoder: bool, text_cache=None, clip_fp: str | None = None,
+                 dataset_clip_key=None):
+        self.patcher, self.clip, self.device = patcher, clip, device
+        self.trains_text_encoder = trains_text_encoder
+        self.text_cache, self.clip_fp = text_cache, clip_fp
+        self.reuse_dataset_conds = clip is None or dataset_clip_key == clip_identity(clip)
+        self._memo: dict[str, dict] = {}
+        self.encode_calls = 0
+
+    def _encode(self, caption: str) -> list:
+        if self.clip is None:
+            raise ValueError("captions change during training (caption shuffle/dropout) but no CLIP is connected: "
+                             "connect the checkpoint's CLIP to the training node.")
+        key = None
+        if self.text_cache is not None and self.clip_fp and not self.trains_text_encoder:
+            key = self.text_cache.key(caption, self.clip_fp)
+            cached = self.text_cache.get(key)
+            if cached is not None:
+                return cached
+        self.encode_calls += 1
+        conditioning = encode_captions(self.clip, [caption])[0]
+        if key is not None:
+            try:
+                self.text_cache.put(key, conditioning)
+            except ValueError as exc:  # e.g. hooks in the conditioning: cannot be stored faithfully
+                log.debug("text encoding not cached: %s", exc)
+        return conditioning
+
+    def _sample_conds(self, caption: str, sample: TrainSample, latent) -> dict:
+        if caption in self._memo:
+            return self._memo[caption]
+        if self.reuse_dataset_conds and sample.conditioning is not None and caption == sample.caption:
+            conditioning = sample.conditioning
+        else:
+            conditioning = self._encode(caption)
+        conds = {k: c._copy_with(c.cond.to(self.device))
+                 for k, c in encode_sample_conds(self.patcher, conditioning, latent, self.device).items()}
+        self._memo[caption] = conds
+        return conds
+
+    def batch(self, captions: list[str], samples: list[TrainSample], latent) -> dict:
+        """Batched model conds (c_crossattn, y, ...) for the captions of one batch."""
+        if self.trains_text_encoder:
+            self.encode_calls += len(captions)
+            per_sample = [encode_sample_conds(self.patcher, c, latent, self.device)
+                          for c in encode_captions(self.clip, captions)]
+            per_sample = [{k: c._copy_with(c.cond.to(self.device)) for k, c in s.items()} for s in per_sample]
+        else:
+            per_sample = [self._sample_conds(c, s, latent) for c, s in zip(captions, samples)]
+        return batch_model_conds(per_sample)
