@@ -36,6 +36,7 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -125,13 +126,14 @@ def _load_inputs(spec: dict):
     import torch
     import comfy.sd
     import folder_paths
-    build_training_data = sys.modules[f"{PACKAGE}.nodes.dataset"].build_training_data
+    build = importlib.import_module(f"{PACKAGE}.trainers.data.build")
 
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
             spec["checkpoint"], output_vae=True, output_clip=True,
             embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
-        data = build_training_data(spec["images"], vae, clip, IMAGE_SIZE, "", "", False)
+        dataset_spec = build.DatasetSpec(folder=spec["images"], resolution=IMAGE_SIZE, buckets=False, use_cache=False)
+        data = build.build_training_data(dataset_spec, vae, clip)[0]
         # The same latents and conditioning for core: a LATENT batch and one CONDITIONING entry per image
         # (what core's LoadImageTextSetFromFolderNode + VAEEncode hand its TrainLoraNode).
         latents = {"samples": torch.stack([s.latent for s in data.samples])}

@@ -9,6 +9,8 @@ import comfy.utils
 import folder_paths
 
 from ..trainers import loop
+from ..trainers.data.cache import TextEncodingCache, clip_fingerprint, default_cache_root
+from ..trainers.data.captions import is_identity
 from ..trainers.formats.files import safe_stem, unique_path
 from ..trainers.formats.kohya_lora import LoraStateDict, base_model_family, kohya_metadata
 from ..trainers.job import TrainJob, help_text
@@ -68,6 +70,14 @@ def _initial_lora(name: str) -> dict | None:
     if path is None:
         raise ValueError(f"`initial_lora` {name!r} is not in the loras folder.")
     return comfy.utils.load_torch_file(path, safe_load=True)
+
+
+def _caption_variant_cache(dataset, clip, train_text_encoder: bool):
+    """The on-disk text cache for per-step caption variants (shuffle/dropout), when they occur."""
+    options = getattr(dataset, "caption_options", None)
+    if clip is None or train_text_encoder or options is None or is_identity(options):
+        return None, None
+    return TextEncodingCache(default_cache_root()), clip_fingerprint(clip)
 
 
 _COMMON_HELP = {name: help_text(name) for name in (
@@ -140,8 +150,10 @@ class PersonalizeTrainLoRA(io.ComfyNode):
         method = create_method("lora", {**method_options, "initial_weights": _initial_lora(initial_lora)})
         resume_path = resolve_resume(resume)
         folder = run_folder(job.run_name, resume_path)
+        text_cache, clip_fp = _caption_variant_cache(dataset, clip, train_text_encoder)
         result = loop.train(job, method, model, clip, dataset, checkpoint_dir=folder, resume_from=resume_path,
-                            reporter=Reporter(job.steps, websocket_sender(cls.hidden.unique_id)))
+                            reporter=Reporter(job.steps, websocket_sender(cls.hidden.unique_id)),
+                            text_cache=text_cache, clip_fp=clip_fp)
         tensors = method.export()
         metadata = kohya_metadata(rank=rank, alpha=alpha, base_model=base_model_family(model), resolution=dataset.resolution,
                                   steps=result.global_step, job=job.to_dict(), dataset_tags=dataset.tag_frequency(),

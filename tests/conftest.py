@@ -95,4 +95,6 @@ def pack(comfy_runtime):
         progress = comfy_runtime.pack_import("trainers.progress")
         model_runtime = comfy_runtime.pack_import("trainers.model_runtime")
         dataset_nodes = comfy_runtime.pack_import("nodes.dataset")
+        build = comfy_runtime.pack_import("trainers.data.build")
+        captions = comfy_runtime.pack_import("trainers.data.captions")
     return Pack

@@ -122,11 +122,21 @@ def broken_folders(tmp_path):
     return {"empty": empty, "corrupt": corrupt, "missing": tmp_path / "does-not-exist"}
 
 
-@pytest.mark.parametrize("case,needle", [("empty", "has no images"), ("corrupt", "cannot read image broken.png"),
+@pytest.mark.parametrize("case,needle", [("empty", "has no images"), ("corrupt", "broken.png"),
                                          ("missing", "does not exist")])
 def test_bad_dataset_folders_are_clear_node_errors(comfy_server, tiny_checkpoint, broken_folders, case, needle):
     prompt = lora_prompt(tiny_checkpoint, broken_folders[case], steps=2, run_name=f"bad_{case}")
-    _expect_node_error(comfy_server, prompt, "2", needle, "`folder`" if case != "corrupt" else "dataset folder")
+    _expect_node_error(comfy_server, prompt, "2", needle, "`folder`")
+
+
+def test_a_corrupt_image_among_good_ones_is_skipped_with_a_warning(comfy_server, tiny_checkpoint, trained, tmp_path):
+    import shutil
+    folder = tmp_path / "mixed"
+    shutil.copytree(trained[3], folder)
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    mark = comfy_server.log_mark()
+    comfy_server.run(lora_prompt(tiny_checkpoint, folder, steps=2, run_name="skip_corrupt"), timeout=300)
+    assert "zz_broken.png" in comfy_server.log_since(mark)
 
 
 def test_rank_zero_is_refused_before_running(comfy_server, tiny_checkpoint, trained):

@@ -48,7 +48,8 @@ def data(pack, base, tmp_path_factory):
     make_sample_dataset(folder, n=4, size=64, seed=0, subject="sks")
     _, clip, vae = base
     with torch.inference_mode():
-        return pack.dataset_nodes.build_training_data(str(folder), vae, clip, 64, "", "", False)
+        spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, bucket_step=32, use_cache=False)
+        return pack.build.build_training_data(spec, vae, clip)[0]
 
 
 def _train(pack, base, data, tmp_path, *, steps=STEPS, reporter=None, resume=None, lr=1e-3, **method):

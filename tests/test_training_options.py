@@ -14,7 +14,9 @@ def setup(pack, tiny_checkpoint_path, tmp_path_factory):
     make_sample_dataset(folder, n=4, size=64, seed=1, subject="sks")
     with torch.inference_mode():
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True, output_clip=True)
-        data = pack.dataset_nodes.build_training_data(str(folder), vae, clip, 64, "sks", "", True)
+        spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, bucket_step=32, trigger_word="sks", flip=True,
+                                      use_cache=False)
+        data = pack.build.build_training_data(spec, vae, clip)[0]
     return model, clip, data
 
 

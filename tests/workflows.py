@@ -15,7 +15,7 @@ def lora_prompt(ckpt_name: str, folder, *, steps: int = 8, run_name: str = "test
     """The example LoRA graph (API format) at tiny-model sizes: 64 px, rank 4, a 4-step sampler."""
     prompt = copy.deepcopy(json.loads(LORA_API.read_text()))
     prompt["1"]["inputs"]["ckpt_name"] = ckpt_name
-    prompt["2"]["inputs"].update(folder=str(folder), resolution=64)
+    prompt["2"]["inputs"].update(folder=str(folder), resolution=64, bucket_step=32)
     prompt["3"]["inputs"].update({"steps": steps, "rank": 4, "alpha": 4.0, "batch_size": 2, "learning_rate": 1e-3,
                                   "run_name": run_name, "checkpoint_every": 0, **train_overrides})
     prompt["4"]["inputs"]["name"] = save_name

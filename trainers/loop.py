@@ -179,7 +179,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     final = save("final.pt", "end")
     elapsed = time.perf_counter() - started
     summary.update({"final_loss": loss_history[-1] if loss_history else None, "seconds": elapsed,
-                    "checkpoint": str(final)})
+                    "checkpoint": str(final), "text_encode_calls": conditioner.encode_calls})
     reporter.end(summary)
     return TrainResult(method=method, attached=attached, global_step=global_step, loss_history=loss_history,
                        final_checkpoint=final, summary=summary)
@@ -212,9 +212,9 @@ def _stream_loss(stream: _Stream, micro_step, job, base_model, model_sampling, d
     generator = _micro_step_generator(stream.seed, micro_step)
     indices = stream.sampler.indices(micro_step)
     samples = [stream.samples[i] for i in indices]
-    flips = torch.rand(len(samples), generator=generator).tolist()
-    use_flip = [s.latent_flipped is not None and f < 0.5 for s, f in zip(samples, flips)]
-    latents = torch.stack([s.latent_flipped if f else s.latent for s, f in zip(samples, use_flip)]).float().to(device)
+    # One of each sample's encoded variants (crops x flips), drawn from the step's generator.
+    picks = [int(u * len(s.latents)) for s, u in zip(samples, torch.rand(len(samples), generator=generator).tolist())]
+    latents = torch.stack([s.latents[p] for s, p in zip(samples, picks)]).float().to(device)
     latents = base_model.process_latent_in(latents)
     noised = objectives.add_noise(model_sampling, latents, generator, noise_offset=job.noise_offset,
                                   timestep_range=job.timestep_range)
@@ -223,18 +223,13 @@ def _stream_loss(stream: _Stream, micro_step, job, base_model, model_sampling, d
         denoised = denoiser(noised.noisy, noised.sigmas, model_conds)
     model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), latents, noised.noisy, noised.sigmas)
     masks = None
-    if any(s.mask is not None for s in samples):
-        masks = torch.stack([_mask_of(s, f) for s, f in zip(samples, use_flip)]).to(device)
+    if any(s.masks is not None for s in samples):
+        masks = torch.stack([s.masks[p] if s.masks is not None else torch.ones(s.bucket[-2:])
+                             for s, p in zip(samples, picks)]).to(device)
     losses = objectives.per_sample_loss(model_pred, target, job.loss_type, job.huber_delta, masks)
     if job.min_snr_gamma > 0:
         losses = losses * objectives.min_snr_weights(model_sampling, noised.sigmas, job.min_snr_gamma).to(losses)
     return losses.mean()
-
-
-def _mask_of(sample, flipped: bool) -> torch.Tensor:
-    if sample.mask is None:
-        return torch.ones(sample.latent.shape[-2:])
-    return sample.mask_flipped if flipped and sample.mask_flipped is not None else sample.mask
 
 
 _MUST_MATCH = ("method", "batch_size", "grad_accumulation", "seed", "optimizer")

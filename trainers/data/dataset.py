@@ -9,17 +9,21 @@ import torch
 
 @dataclass
 class TrainSample:
-    latent: torch.Tensor  # [C, h, w], raw VAE latent (the model's process_latent_in is applied later)
+    """One training image: its encoded variants (crops x flips, all one bucket size) and caption."""
+
+    latents: list[torch.Tensor]  # each [C, h, w], raw VAE latents (process_latent_in is applied later)
     caption: str
     source: str
-    latent_flipped: torch.Tensor | None = None  # present when horizontal flip is on
     conditioning: list | None = None  # CONDITIONING of `caption` from the dataset's CLIP
-    mask: torch.Tensor | None = None  # [h, w] loss weights at latent resolution (masked loss)
-    mask_flipped: torch.Tensor | None = None
+    masks: list[torch.Tensor] | None = None  # per variant [h, w] loss weights at latent resolution
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.latents[0]
 
     @property
     def bucket(self) -> tuple[int, ...]:
-        return tuple(self.latent.shape)
+        return tuple(self.latents[0].shape)
 
 
 @dataclass

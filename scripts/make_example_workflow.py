@@ -1,0 +1,94 @@
+"""Write example_workflows/personalize_lora.json (UI format) and its API-format twin from one spec.
+
+Run after changing a node's inputs: `python scripts/make_example_workflow.py`. The UI format stores
+widget values by position, so `widgets` must list each node's widget inputs in schema order
+(tests/test_example_workflows.py checks the result against the server's /object_info).
+"""
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "example_workflows"
+import json
+# API-format twin of the example workflow: node id -> {class_type, inputs}
+api = {
+ "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+ "2": {"class_type": "PersonalizeDatasetFromFolder", "inputs": {"folder": "personalize_demo", "vae": ["1", 2], "clip": ["1", 1],
+       "resolution": 512, "buckets": True, "bucket_step": 64, "min_side": 0, "max_side": 0, "no_upscale": False,
+       "crop": "center", "crop_variants": 4, "flip": False, "trigger_word": "sks", "instance_prompt": "a photo of sks cross",
+       "shuffle_tags": False, "keep_tokens": 1, "tag_dropout": 0.0, "caption_dropout": 0.0, "masked_loss": False, "seed": 0,
+       "use_cache": True, "class_folder": "", "class_prompt": ""}},
+ "3": {"class_type": "PersonalizeTrainLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0],
+       "steps": 500, "learning_rate": 0.0001, "rank": 16, "alpha": 16.0, "targets": "attention_ff", "train_text_encoder": False,
+       "text_encoder_lr": 5e-05, "dora": False, "batch_size": 1, "grad_accumulation": 1, "optimizer": "adamw",
+       "lr_scheduler": "constant", "warmup_steps": 0, "loss_type": "mse", "min_snr_gamma": 5.0, "noise_offset": 0.0,
+       "max_grad_norm": 1.0, "precision": "bf16", "gradient_checkpointing": False, "seed": 0, "checkpoint_every": 100,
+       "run_name": "sks_cross", "resume": "", "initial_lora": "[none]"}},
+ "4": {"class_type": "PersonalizeSaveLoRA", "inputs": {"lora": ["3", 2], "name": "personalize/sks_cross", "save_dtype": "fp16"}},
+ "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks cross, in blue", "clip": ["3", 1]}},
+ "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["3", 1]}},
+ "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+ "8": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0],
+       "seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+ "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+ "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "personalize/sks_cross"}},
+}
+titles = {"1": "Load Checkpoint", "2": "Personalize Dataset (folder)", "3": "Personalize Train LoRA", "4": "Personalize Save LoRA",
+          "5": "Prompt with the subject", "6": "Negative prompt", "7": "Empty Latent Image", "8": "KSampler (trained LoRA)",
+          "9": "VAE Decode", "10": "Save Image"}
+# widget order and socket types per class (what the UI format stores positionally)
+widgets = {
+ "CheckpointLoaderSimple": ["ckpt_name"],
+ "PersonalizeDatasetFromFolder": ["folder", "resolution", "buckets", "bucket_step", "min_side", "max_side", "no_upscale", "crop",
+     "crop_variants", "flip", "trigger_word", "instance_prompt", "shuffle_tags", "keep_tokens", "tag_dropout", "caption_dropout",
+     "masked_loss", "seed", "use_cache", "class_folder", "class_prompt"],
+ "PersonalizeTrainLoRA": ["steps", "learning_rate", "rank", "alpha", "targets", "train_text_encoder", "text_encoder_lr", "dora",
+     "batch_size", "grad_accumulation", "optimizer", "lr_scheduler", "warmup_steps", "loss_type", "min_snr_gamma", "noise_offset",
+     "max_grad_norm", "precision", "gradient_checkpointing", "seed", "checkpoint_every", "run_name", "resume", "initial_lora"],
+ "PersonalizeSaveLoRA": ["name", "save_dtype"],
+ "CLIPTextEncode": ["text"], "EmptyLatentImage": ["width", "height", "batch_size"],
+ "KSampler": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+ "VAEDecode": [], "SaveImage": ["filename_prefix"],
+}
+sockets_in = {
+ "PersonalizeDatasetFromFolder": [("vae", "VAE"), ("clip", "CLIP"), ("class_images", "PERSONALIZE_CLASS_IMAGES")],
+ "PersonalizeTrainLoRA": [("model", "MODEL"), ("clip", "CLIP"), ("dataset", "PERSONALIZE_DATASET")],
+ "PersonalizeSaveLoRA": [("lora", "LORA_MODEL")], "CLIPTextEncode": [("clip", "CLIP")],
+ "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+ "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")], "SaveImage": [("images", "IMAGE")],
+}
+sockets_out = {
+ "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+ "PersonalizeDatasetFromFolder": [("dataset", "PERSONALIZE_DATASET")],
+ "PersonalizeTrainLoRA": [("model", "MODEL"), ("clip", "CLIP"), ("lora", "LORA_MODEL"), ("loss", "LOSS_MAP"), ("checkpoint", "STRING")],
+ "PersonalizeSaveLoRA": [("path", "STRING")], "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+ "EmptyLatentImage": [("LATENT", "LATENT")], "KSampler": [("LATENT", "LATENT")], "VAEDecode": [("IMAGE", "IMAGE")], "SaveImage": [],
+}
+pos = {"1": [40, 300], "2": [420, 80], "3": [820, 80], "4": [1260, 60], "5": [1260, 260], "6": [1260, 480], "7": [1260, 700],
+       "8": [1680, 260], "9": [2060, 260], "10": [2320, 260]}
+links, nodes = [], []
+out_links = {}
+for nid, node in api.items():
+    for name, value in node["inputs"].items():
+        if isinstance(value, list):
+            links.append([len(links) + 1, int(value[0]), value[1], int(nid), name])
+for l in links:
+    out_links.setdefault((l[1], l[2]), []).append(l[0])
+final_links = []
+for order, (nid, node) in enumerate(api.items()):
+    cls = node["class_type"]
+    ins = []
+    for slot, (name, typ) in enumerate(sockets_in.get(cls, [])):
+        link = next((l for l in links if l[3] == int(nid) and l[4] == name), None)
+        ins.append({"name": name, "type": typ, "link": link[0] if link else None})
+        if link:
+            final_links.append([link[0], link[1], link[2], int(nid), slot, typ])
+    outs = [{"name": n, "type": t, "links": out_links.get((int(nid), i), []), "slot_index": i} for i, (n, t) in enumerate(sockets_out[cls])]
+    wv = ["fixed" if w == "control_after_generate" else node["inputs"][w] for w in widgets[cls]]
+    nodes.append({"id": int(nid), "type": cls, "title": titles[nid], "pos": pos[nid], "size": [380, 120 + 26 * len(wv)], "flags": {},
+                  "order": order, "mode": 0, "inputs": ins, "outputs": outs,
+                  "properties": {"Node name for S&R": cls}, "widgets_values": wv})
+final_links.sort()
+ui = {"id": "5f0c1d2e-personalize-lora-example", "revision": 0, "last_node_id": len(nodes), "last_link_id": len(final_links),
+      "nodes": nodes, "links": final_links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}}, "version": 0.4}
+json.dump(ui, open(str(OUT / "personalize_lora.json"), "w"), indent=1)
+json.dump(api, open(str(OUT / "personalize_lora_api.json"), "w"), indent=1)
+print(len(nodes), len(final_links))
