@@ -77,7 +77,10 @@ def _caption_variant_cache(dataset, clip, train_text_encoder: bool):
     options = getattr(dataset, "caption_options", None)
     if clip is None or train_text_encoder or options is None or is_identity(options):
         return None, None
-    return TextEncodingCache(default_cache_root()), clip_fingerprint(clip)
+    try:
+        return TextEncodingCache(default_cache_root()), clip_fingerprint(clip)
+    except ValueError:  # e.g. a CLIP with hooks cannot be fingerprinted: encode without the disk cache
+        return None, None
 
 
 _COMMON_HELP = {name: help_text(name) for name in (

@@ -1,0 +1,211 @@
+"""Score personalization methods on the synthetic world: subject fidelity, prompt fidelity,
+preservation, diversity, time, memory and artifact size, each method trained through our nodes in a
+real ComfyUI graph and sampled with stock nodes.
+
+    python benchmarks/quality/evaluate.py                    # full run (pretrains the world once, cached)
+    python benchmarks/quality/evaluate.py --smoke            # a minute: tiny random model, few steps/samples
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+for extra in (REPO / "tests", REPO / "scripts", REPO / "benchmarks" / "quality"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+from harness import install_model  # noqa: E402
+from harness import runtime as harness_runtime  # noqa: E402
+
+import judge as world_judge  # noqa: E402
+import world  # noqa: E402
+
+BASE_SHAPES = ("circle", "square", "triangle")
+BASE_COLOURS = ("red", "green", "blue", "yellow")
+RECOLOURS = ("blue", "green", "yellow")
+IDENTIFIER = "sks"
+CONCEPT = ("cross", "purple")
+
+
+@dataclass
+class Method:
+    """A method as the benchmark runs it: a training node and its inputs (per-method defaults)."""
+
+    name: str
+    node: str = "PersonalizeTrainLoRA"
+    inputs: dict = field(default_factory=dict)
+
+
+LORA_DEFAULTS = {
+    "steps": 800, "learning_rate": 1e-3, "rank": 8, "alpha": 8.0, "targets": "attention_ff", "train_text_encoder": False,
+    "text_encoder_lr": 5e-5, "dora": False, "batch_size": 4, "grad_accumulation": 1, "optimizer": "adamw",
+    "lr_scheduler": "constant", "warmup_steps": 20, "loss_type": "mse", "min_snr_gamma": 5.0, "noise_offset": 0.0,
+    "max_grad_norm": 1.0, "precision": "fp32", "gradient_checkpointing": False, "seed": 0, "checkpoint_every": 0,
+    "run_name": "quality", "resume": "", "initial_lora": "[none]",
+}
+
+METHODS = {
+    "lora": Method("lora", inputs=dict(LORA_DEFAULTS)),
+    "lora_all_layers": Method("lora_all_layers", inputs={**LORA_DEFAULTS, "targets": "all", "learning_rate": 5e-4}),
+    "dora": Method("dora", inputs={**LORA_DEFAULTS, "dora": True}),
+    "lora_text_encoder": Method("lora_text_encoder", inputs={**LORA_DEFAULTS, "train_text_encoder": True}),
+}
+
+
+def subject_prompt(colour: str | None = None) -> str:
+    return f"a {colour + ' ' if colour else ''}{IDENTIFIER} cross"
+
+
+def _sampling_branch(prompt: dict, node_id: int, model_ref, clip_ref, vae_ref, text: str, count: int, seed: int,
+                     prefix: str, steps: int, cfg: float) -> int:
+    ids = [str(node_id + i) for i in range(6)]
+    prompt[ids[0]] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clip_ref}}
+    prompt[ids[1]] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip_ref}}
+    prompt[ids[2]] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": count}}
+    prompt[ids[3]] = {"class_type": "KSampler", "inputs": {
+        "model": model_ref, "positive": [ids[0], 0], "negative": [ids[1], 0], "latent_image": [ids[2], 0],
+        "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    prompt[ids[4]] = {"class_type": "VAEDecode", "inputs": {"samples": [ids[3], 0], "vae": vae_ref}}
+    prompt[ids[5]] = {"class_type": "SaveImage", "inputs": {"images": [ids[4], 0], "filename_prefix": prefix}}
+    return node_id + 6
+
+
+def method_graph(method: Method, ckpt: str, folder: Path, prompts: dict[str, str], count: int, steps_override: int | None,
+                 sample_steps: int, cfg: float) -> tuple[dict, dict[str, str]]:
+    """API-format graph: train with the method, then sample every prompt with stock nodes.
+    Returns the graph and {prompt key: SaveImage node id}."""
+    inputs = dict(method.inputs)
+    if steps_override:
+        inputs["steps"] = steps_override
+    inputs["run_name"] = f"quality_{method.name}"
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "PersonalizeDatasetFromFolder", "inputs": {
+            "folder": str(folder), "vae": ["1", 2], "clip": ["1", 1], "resolution": 64, "buckets": False,
+            "bucket_step": 64, "min_side": 0, "max_side": 0, "no_upscale": False, "crop": "center", "crop_variants": 1,
+            "flip": True, "trigger_word": "", "instance_prompt": "", "shuffle_tags": False, "keep_tokens": 0,
+            "tag_dropout": 0.0, "caption_dropout": 0.0, "masked_loss": False, "seed": 0, "use_cache": True}},
+        "3": {"class_type": method.node, "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0], **inputs}},
+        "4": {"class_type": "PersonalizeSaveLoRA", "inputs": {"lora": ["3", 2], "name": f"quality/{method.name}",
+                                                               "save_dtype": "fp16"}},
+    }
+    save_nodes = {}
+    next_id = 10
+    for key, text in prompts.items():
+        save_nodes[key] = str(next_id + 5)
+        next_id = _sampling_branch(prompt, next_id, ["3", 0], ["3", 1], ["1", 2], text, count, 1000 + next_id,
+                                   f"quality/{method.name}/{key}", sample_steps, cfg)
+    return prompt, save_nodes
+
+
+def score(judged: dict[str, list[tuple[str, str]]], expected: dict[str, tuple[str, str]]) -> dict[str, float]:
+    def accuracy(keys):
+        pairs = [(j, expected[k]) for k in keys for j in judged[k]]
+        return sum(j == e for j, e in pairs) / max(1, len(pairs))
+    subject = [k for k in judged if k == "subject"]
+    recolour = [k for k in judged if k.startswith("recolour_")]
+    base = [k for k in judged if k.startswith("base_")]
+    return {"subject_fidelity": accuracy(subject), "prompt_fidelity": accuracy(recolour), "preservation": accuracy(base)}
+
+
+def diversity(images) -> float:
+    """Mean pairwise mean-absolute pixel difference of the subject samples (0 = identical)."""
+    import numpy as np
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    pairs = list(combinations(arrays, 2))
+    return float(sum(np.abs(a - b).mean() for a, b in pairs) / max(1, len(pairs)))
+
+
+def contact_sheet(rows: dict[str, list], path: Path) -> None:
+    from PIL import Image, ImageDraw
+    width = max(len(v) for v in rows.values()) * 64 + 130
+    sheet = Image.new("RGB", (width, 64 * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(rows.items()):
+        draw.text((4, r * 64 + 26), label[:20], fill=(0, 0, 0))
+        for c, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((64, 64)), (130 + c * 64, r * 64))
+    sheet.save(path)
+
+
+def run(methods: list[str], checkpoint: Path, *, count: int, steps: int | None, sample_steps: int, cfg: float,
+        out_dir: Path, concept_seed: int = 0) -> dict:
+    from PIL import Image
+    rt = harness_runtime.boot()
+    ckpt = install_model(rt.base_dir, "checkpoints", checkpoint, "quality_world.safetensors")
+    folder = out_dir / "concept"
+    world.write_folder(folder, world.concept_images(5, seed=concept_seed))
+    prompts = {"subject": subject_prompt()}
+    expected = {"subject": CONCEPT}
+    for colour in RECOLOURS:
+        prompts[f"recolour_{colour}"] = subject_prompt(colour)
+        expected[f"recolour_{colour}"] = ("cross", colour)
+    for shape in BASE_SHAPES:
+        for colour in BASE_COLOURS:
+            prompts[f"base_{colour}_{shape}"] = world.caption(shape, colour)
+            expected[f"base_{colour}_{shape}"] = (shape, colour)
+    table = {}
+    for name in methods:
+        method = METHODS[name]
+        graph, save_nodes = method_graph(method, ckpt, folder, prompts, count, steps, sample_steps, cfg)
+        started = time.perf_counter()
+        result = rt.run_prompt(graph)
+        seconds = time.perf_counter() - started
+        end = [e["data"] for e in result["events"] if e["type"] == "personalize.end"]
+        images = {k: [Image.open(p) for p in rt.image_paths(result, node)] for k, node in save_nodes.items()}
+        judged = {k: [world_judge.judge(im) for im in ims] for k, ims in images.items()}
+        lora_file = Path(result["outputs"]["4"]["text"][0].removeprefix("saved "))
+        row = score(judged, expected)
+        row.update(diversity=diversity(images["subject"]), train_seconds=end[0]["seconds"] if end else seconds,
+                   graph_seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   artifact_mb=(rt.folder("loras") / lora_file).stat().st_size / 2**20)
+        table[name] = row
+        contact_sheet({k: v[:8] for k, v in images.items() if not k.startswith("base_") or k.endswith("_circle")},
+                      out_dir / f"grid_{name}.png")
+    return table
+
+
+def print_table(table: dict) -> None:
+    columns = ["subject_fidelity", "prompt_fidelity", "preservation", "diversity", "train_seconds", "peak_rss_mb", "artifact_mb"]
+    print(f"{'method':<20}" + "".join(f"{c:>18}" for c in columns))
+    for name, row in table.items():
+        print(f"{name:<20}" + "".join(f"{row[c]:>18.3f}" for c in columns))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--samples", type=int, default=48, help="samples per prompt (>= 48 for +-10 points)")
+    parser.add_argument("--steps", type=int, default=None, help="override every method's training steps")
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--checkpoint", type=Path, help="a world checkpoint (default: pretrain or reuse the cached one)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality" / "results")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 steps, 2 samples: checks the pipeline")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        from tiny_model import cached_tiny_checkpoint
+        args.checkpoint, args.steps, args.samples, args.sample_steps = cached_tiny_checkpoint("taesd"), 3, 2, 2
+        args.methods = args.methods[:1] if args.methods == list(METHODS) else args.methods
+    if args.checkpoint is None:
+        from pretrain import pretrained_world_checkpoint
+        args.checkpoint = pretrained_world_checkpoint()
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = run(args.methods, args.checkpoint, count=args.samples, steps=args.steps, sample_steps=args.sample_steps,
+                cfg=args.cfg, out_dir=args.out)
+    print_table(table)
+    (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                                       "table": table}, indent=1))
+    print(f"table: {args.out / 'results.json'}; grids: {args.out}/grid_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
