@@ -9,6 +9,7 @@ class PersonalizeExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .dataset import NODES as dataset_nodes
         from .train import NODES as train_nodes
+        from .hypernetwork import NODES as hypernetwork_nodes
         from .lora_io import NODES as lora_io_nodes
 
-        return [*dataset_nodes, *train_nodes, *lora_io_nodes]
+        return [*dataset_nodes, *train_nodes, *lora_io_nodes, *hypernetwork_nodes]

@@ -89,6 +89,44 @@ _COMMON_HELP = {name: help_text(name) for name in (
     "gradient_checkpointing", "seed", "checkpoint_every", "run_name")}
 
 
+def training_inputs() -> list:
+    """The loop's settings as node inputs, shared by every training node (same order everywhere)."""
+    h = _COMMON_HELP
+    return [
+        io.Int.Input("batch_size", default=1, min=1, max=512, tooltip=h["batch_size"]),
+        io.Int.Input("grad_accumulation", default=1, min=1, max=1024, tooltip=h["grad_accumulation"]),
+        io.Combo.Input("optimizer", options=["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"], default="adamw", tooltip=h["optimizer"]),
+        io.Combo.Input("lr_scheduler", options=["constant", "cosine", "linear"], default="constant", tooltip=h["lr_scheduler"]),
+        io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000, tooltip=h["warmup_steps"]),
+        io.Combo.Input("loss_type", options=["mse", "huber"], default="mse", tooltip=h["loss_type"]),
+        io.Float.Input("min_snr_gamma", default=5.0, min=0.0, max=100.0, step=0.1, tooltip=h["min_snr_gamma"]),
+        io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.005, tooltip=h["noise_offset"]),
+        io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, tooltip=h["max_grad_norm"]),
+        io.Combo.Input("precision", options=["bf16", "fp16", "fp32"], default="bf16", tooltip=h["precision"]),
+        io.Boolean.Input("gradient_checkpointing", default=False, tooltip=h["gradient_checkpointing"]),
+        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip=h["seed"]),
+        io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000, tooltip=h["checkpoint_every"]),
+        io.String.Input("run_name", default="lora", tooltip=h["run_name"]),
+        io.String.Input("resume", default="", tooltip="Continue a cancelled or finished run: a checkpoint path as reported on cancel, 'latest', or empty for a new run."),
+    ]
+
+
+def run_training(node_id, job: TrainJob, method, model, clip, dataset, resume: str, train_text_encoder: bool = False):
+    """Resolve the resume point and run folder, train, and return the loop's result."""
+    resume_path = resolve_resume(resume)
+    folder = run_folder(job.run_name, resume_path)
+    text_cache, clip_fp = _caption_variant_cache(dataset, clip, train_text_encoder)
+    return loop.train(job, method, model, clip, dataset, checkpoint_dir=folder, resume_from=resume_path,
+                      reporter=Reporter(job.steps, websocket_sender(node_id)), text_cache=text_cache, clip_fp=clip_fp)
+
+
+def job_from_inputs(method: str, method_options: dict, **inputs) -> TrainJob:
+    """A TrainJob from a training node's common inputs (`resume` is not part of the job)."""
+    inputs.pop("resume", None)
+    inputs["run_name"] = safe_stem(inputs["run_name"], input_name="run_name")
+    return TrainJob(method=method, method_options=method_options, **inputs)
+
+
 class PersonalizeTrainLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -111,21 +149,7 @@ class PersonalizeTrainLoRA(io.ComfyNode):
                 io.Boolean.Input("train_text_encoder", default=False, tooltip=_lora_help("train_text_encoder")),
                 io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=10.0, step=1e-6, round=False, tooltip=h["text_encoder_lr"]),
                 io.Boolean.Input("dora", default=False, tooltip=_lora_help("dora")),
-                io.Int.Input("batch_size", default=1, min=1, max=512, tooltip=h["batch_size"]),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=1024, tooltip=h["grad_accumulation"]),
-                io.Combo.Input("optimizer", options=["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"], default="adamw", tooltip=h["optimizer"]),
-                io.Combo.Input("lr_scheduler", options=["constant", "cosine", "linear"], default="constant", tooltip=h["lr_scheduler"]),
-                io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000, tooltip=h["warmup_steps"]),
-                io.Combo.Input("loss_type", options=["mse", "huber"], default="mse", tooltip=h["loss_type"]),
-                io.Float.Input("min_snr_gamma", default=5.0, min=0.0, max=100.0, step=0.1, tooltip=h["min_snr_gamma"]),
-                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.005, tooltip=h["noise_offset"]),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, tooltip=h["max_grad_norm"]),
-                io.Combo.Input("precision", options=["bf16", "fp16", "fp32"], default="bf16", tooltip=h["precision"]),
-                io.Boolean.Input("gradient_checkpointing", default=False, tooltip=h["gradient_checkpointing"]),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip=h["seed"]),
-                io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000, tooltip=h["checkpoint_every"]),
-                io.String.Input("run_name", default="lora", tooltip=h["run_name"]),
-                io.String.Input("resume", default="", tooltip="Continue a cancelled or finished run: a checkpoint path as reported on cancel, 'latest', or empty for a new run."),
+                *training_inputs(),
                 io.Combo.Input("initial_lora", options=[NO_LORA] + folder_paths.get_filename_list("loras"), default=NO_LORA, tooltip="Start from an existing LoRA file of the loras folder (same rank and targets) instead of from zero."),
             ],
             outputs=[
@@ -140,23 +164,12 @@ class PersonalizeTrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, dataset, steps, learning_rate, rank, alpha, targets, train_text_encoder, text_encoder_lr,
-                dora, batch_size, grad_accumulation, optimizer, lr_scheduler, warmup_steps, loss_type, min_snr_gamma,
-                noise_offset, max_grad_norm, precision, gradient_checkpointing, seed, checkpoint_every, run_name,
-                resume, initial_lora) -> io.NodeOutput:
+                dora, initial_lora, **common) -> io.NodeOutput:
         method_options = {"rank": rank, "alpha": alpha, "targets": targets, "train_text_encoder": train_text_encoder, "dora": dora}
-        job = TrainJob(method="lora", method_options=method_options, steps=steps, batch_size=batch_size,
-                       grad_accumulation=grad_accumulation, learning_rate=learning_rate, text_encoder_lr=text_encoder_lr,
-                       optimizer=optimizer, lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
-                       loss_type=loss_type, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, precision=precision,
-                       gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
-                       run_name=safe_stem(run_name, input_name="run_name"))
+        job = job_from_inputs("lora", method_options, steps=steps, learning_rate=learning_rate,
+                              text_encoder_lr=text_encoder_lr, **common)
         method = create_method("lora", {**method_options, "initial_weights": _initial_lora(initial_lora)})
-        resume_path = resolve_resume(resume)
-        folder = run_folder(job.run_name, resume_path)
-        text_cache, clip_fp = _caption_variant_cache(dataset, clip, train_text_encoder)
-        result = loop.train(job, method, model, clip, dataset, checkpoint_dir=folder, resume_from=resume_path,
-                            reporter=Reporter(job.steps, websocket_sender(cls.hidden.unique_id)),
-                            text_cache=text_cache, clip_fp=clip_fp)
+        result = run_training(cls.hidden.unique_id, job, method, model, clip, dataset, common["resume"], train_text_encoder)
         tensors = method.export()
         metadata = kohya_metadata(rank=rank, alpha=alpha, base_model=base_model_family(model), resolution=dataset.resolution,
                                   steps=result.global_step, job=job.to_dict(), dataset_tags=dataset.tag_frequency(),

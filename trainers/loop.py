@@ -141,9 +141,13 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                     if reporter.interrupted():
                         raise _Cancelled()
                     micro_step = global_step * job.grad_accumulation + micro
-                    loss = sum(stream.weight * _stream_loss(stream, micro_step, job, base_model, model_sampling,
-                                                            denoiser, conditioner, autocast, device)
-                               for stream in streams) / job.grad_accumulation
+                    # Dropout in trained modules draws from the global RNG: seed it per micro step so
+                    # that a resumed run repeats exactly what an uninterrupted one does.
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_micro_step_generator(job.seed, micro_step).initial_seed())
+                        loss = sum(stream.weight * _stream_loss(stream, micro_step, job, base_model, model_sampling,
+                                                                denoiser, conditioner, autocast, device)
+                                   for stream in streams) / job.grad_accumulation
                     loss.backward()
                     step_loss += loss.item()
                 if not torch.isfinite(torch.tensor(step_loss)):
@@ -177,6 +181,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
         release_training_model(to_load)
 
     final = save("final.pt", "end")
+    method.finish()
     elapsed = time.perf_counter() - started
     summary.update({"final_loss": loss_history[-1] if loss_history else None, "seconds": elapsed,
                     "checkpoint": str(final), "text_encode_calls": conditioner.encode_calls})

@@ -133,6 +133,8 @@ def load_for_training(patchers: list) -> None:
     comfy.model_management.load_models_gpu(patchers, memory_required=0, force_full_load=True)
     for patcher in patchers:
         patcher.pre_run()
+        if hasattr(patcher, "model_patches_to"):  # attention patches with weights (hypernetworks, ...)
+            patcher.model_patches_to(patcher.load_device)
 
 
 def release_training_model(patchers: list) -> None:

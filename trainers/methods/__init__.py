@@ -29,6 +29,6 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-from . import lora  # noqa: E402,F401  (registers itself)
+from . import hypernetwork, lora  # noqa: E402,F401  (they register themselves)
 
 __all__ = ["Attached", "ParamGroup", "TrainingMethod", "register_method", "create_method", "available_methods"]

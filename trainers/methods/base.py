@@ -47,6 +47,9 @@ class TrainingMethod(ABC):
     def detach(self) -> None:
         """Undo anything attach() did outside the clones (default: nothing)."""
 
+    def finish(self) -> None:
+        """After the last step: switch trained modules to inference behaviour (default: nothing)."""
+
     @abstractmethod
     def export(self) -> Any:
         """The trained artifact in memory (e.g. a kohya LoRA state dict)."""
