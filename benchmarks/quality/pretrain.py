@@ -1,0 +1,608 @@
+"""Pretrain the quality benchmark's world checkpoint: a tiny SD1.5-layout model that draws the base
+world (3 shapes x 4 colours, ``world.py``) on prompt, so personalization methods can be scored on
+the held-out purple "sks" cross.
+
+    python benchmarks/quality/pretrain.py                    # build (or reuse) and report accuracy
+    python benchmarks/quality/pretrain.py --samples-per-prompt 32 --max-minutes 30
+    python benchmarks/quality/pretrain.py --force            # rebuild even if cached
+
+``pretrained_world_checkpoint(cache_dir=None, seed=0) -> Path`` builds it once and caches it
+(``$PERSONALIZE_CACHE/quality/quality-world-<VERSION>-s<seed>.safetensors``, written atomically;
+a rerun returns the cached file at once). Everything is seeded: the same seed, config and ComfyUI
+give the same file, apart from floating-point differences between machines.
+
+Steps, all through ComfyUI's own classes and loaders:
+
+1. Render ``n_images`` base-world images (``world.base_dataset``) and a held-out set.
+2. Autoencoder: ComfyUI's ``comfy.taesd.taesd.TAESD`` (what ``comfy.sd.VAE`` builds for
+   ``taesd_encoder.*``/``taesd_decoder.*`` keys), trained from scratch on random crops (it is fully
+   convolutional) for reconstruction, with a penalty that keeps each latent channel near zero mean
+   and unit variance. The checkpoint's ``vae_scale``/``vae_shift`` are then set from the latents'
+   statistics so that ``VAE.encode`` returns latents in the SD1.5 *raw* scale and
+   ``process_latent_in`` (x 0.18215) gives the model ~unit-variance latents, the same contract as
+   the real TAESD (``nodes.VAELoader`` sets ``vae_scale`` 0.18215 for it).
+3. The tiny random checkpoint (``scripts/tiny_model.py``, same seed) with that TAESD is loaded with
+   ``comfy.sd.load_state_dict_guess_config`` (what ``CheckpointLoaderSimple`` uses); its VAE round
+   trip is measured (PSNR) and it encodes the dataset (``VAE.encode``, then the model's
+   ``process_latent_in``); its CLIP encodes the 12 captions and the empty prompt
+   (``clip.encode_from_tokens_scheduled(clip.tokenize(text))``, as ``CLIPTextEncode``).
+4. UNet: ``model.model.diffusion_model`` (ComfyUI's ``UNetModel``) trained in place, epsilon
+   prediction in the model's own discrete schedule, inputs as ``BaseModel._apply_model`` computes
+   them (``x_t = x0 + sigma * eps``, ``model_sampling.calculate_input``, ``model_sampling.timestep``),
+   min-SNR-5 weighting, AdamW with warm-up and cosine decay, gradient clipping, EMA, 10% caption
+   dropout (empty prompt) so classifier-free guidance works. Attention is PyTorch SDPA for the run
+   (``optimized_attention_override``), whatever ComfyUI picked at start-up.
+5. Save: the EMA UNet, the trained TAESD and the unchanged random CLIP-L, in the single-file SD1.5
+   layout (fp16, like ``tiny_model``), with the run's figures in the safetensors metadata.
+
+``base_accuracy(checkpoint, samples_per_prompt)`` samples each of the 12 base prompts through the
+in-process ComfyUI runtime (stock ``CheckpointLoaderSimple`` -> ``CLIPTextEncode`` -> ``KSampler``
+-> ``VAEDecode``) and scores the samples with ``judge.judge``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+for _extra in (REPO / "tests", REPO / "scripts"):
+    if str(_extra) not in sys.path:
+        sys.path.append(str(_extra))
+
+import judge as world_judge  # noqa: E402
+import world  # noqa: E402
+
+# Bump when anything that changes the trained weights changes (recipe, world, defaults).
+VERSION = "v1"
+LATENT_SCALE = 0.18215  # SD1.5's latent_format.scale_factor (process_latent_in multiplies by it)
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+# Layers the reference UNet zero-initialises (zero_module): output conv, the second conv of every
+# res-block and every transformer's proj_out. Starting them at zero makes each block an identity.
+ZERO_INIT = ("out.2.", ".out_layers.3.", ".proj_out.")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The recipe. Defaults are the cached checkpoint's; any change gets its own cache file."""
+
+    n_images: int = 4096  # distinct base-world training images (rendered once)
+    n_eval_images: int = 96  # held-out images for the autoencoder PSNR
+    # Autoencoder (TAESD layout)
+    ae_steps: int = 350
+    ae_batch: int = 16
+    ae_crop: int = 32  # train on random crops (fully convolutional); evaluated on whole images
+    ae_lr: float = 1e-3
+    ae_stat_weight: float = 0.05  # per-channel (mean^2 + (std - 1)^2) penalty on the latents
+    ae_latent_noise: float = 0.05  # N(0, s) added to latents before decoding (robust decoder)
+    # UNet
+    unet_steps: int = 400
+    unet_batch: int = 32
+    unet_lr: float = 4e-4
+    warmup_steps: int = 25
+    final_lr_fraction: float = 0.1  # cosine decay to this fraction of unet_lr
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.99  # with the usual (1 + step) / (10 + step) warm-up
+    caption_dropout: float = 0.1
+
+    def key(self) -> str:
+        """'' for the defaults, else a short hash of the changed fields (for the cache file name)."""
+        changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default}
+        if not changed:
+            return ""
+        return "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def cache_root() -> Path:
+    base = Path(os.environ.get("PERSONALIZE_CACHE", Path.home() / ".cache" / "comfyui-personalize"))
+    return base / "quality"
+
+
+def checkpoint_path(cache_dir=None, seed: int = 0, config: PretrainConfig | None = None) -> Path:
+    """Where the world checkpoint for this seed and config is cached."""
+    config = config or PretrainConfig()
+    folder = Path(cache_dir) if cache_dir is not None else cache_root()
+    return folder / f"quality-world-{VERSION}-s{seed}{config.key()}.safetensors"
+
+
+def _prepare_comfy(threads: int = 2):
+    """ComfyUI importable on the CPU (the harness's prepare(): args before comfy.model_management)."""
+    from harness import runtime as harness_runtime
+
+    harness_runtime.prepare()
+    import torch
+
+    torch.set_num_threads(threads)
+    return harness_runtime
+
+
+def pretrained_world_checkpoint(cache_dir=None, seed: int = 0, *, config: PretrainConfig | None = None,
+                                max_minutes: float = 30.0, force: bool = False, log=_log) -> Path:
+    """The world checkpoint for ``seed``: the cached file if there is one, else build it (see the
+    module docstring) and cache it atomically. A build stopped by ``max_minutes`` before its last
+    UNet step is saved under a ``-partial`` name, which is never returned as a cache hit."""
+    config = config or PretrainConfig()
+    target = checkpoint_path(cache_dir, seed, config)
+    if target.is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tensors, metadata = build_world_state_dict(seed, config, max_minutes=max_minutes, log=log)
+    if metadata["personalize.world.truncated"] == "true":
+        target = target.with_name(target.stem + "-partial" + target.suffix)
+        log(f"time budget reached before the last UNet step: saving as {target.name} (not a cache hit)")
+    _save_atomic(tensors, metadata, target)
+    log(f"saved {target} ({target.stat().st_size / 2**20:.0f} MiB)")
+    return target
+
+
+def _save_atomic(tensors: dict, metadata: dict, target: Path) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def _images_tensor(items):
+    """Items -> float tensor [n, 3, H, W] in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(world.pixels(items)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two image tensors in [0, 1]."""
+    mse = float((a.float() - b.float()).square().mean())
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+# --------------------------------------------------------------------------------------------
+# Autoencoder
+
+
+def _init_taesd(seed: int):
+    """ComfyUI's TAESD with PyTorch's default conv initialisation (ComfyUI's ops skip it)."""
+    import torch
+    import comfy.taesd.taesd
+
+    torch.manual_seed(seed)
+    ae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    for m in ae.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.Conv2d.reset_parameters(m)
+    return ae
+
+
+def train_autoencoder(images, config: PretrainConfig, seed: int, log=_log):
+    """Train a TAESD on random crops of ``images`` ([n, 3, H, W] in [0, 1]). Returns the module
+    with ``vae_scale``/``vae_shift`` set for the SD1.5 latent contract, and its figures."""
+    import torch
+
+    ae = _init_taesd(seed)
+    enc, dec = ae.taesd_encoder, ae.taesd_decoder
+    params = list(enc.parameters()) + list(dec.parameters())
+    opt = torch.optim.Adam(params, lr=config.ae_lr)
+    gen = torch.Generator().manual_seed(seed * 1000 + 1)
+    n, _, h, w = images.shape
+    crop = config.ae_crop
+    t0 = time.perf_counter()
+    curve = []
+    for step in range(config.ae_steps):
+        lr = config.ae_lr * _cosine(step, config.ae_steps, warmup=10, final=0.05)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(n, (config.ae_batch,), generator=gen)
+        ys = torch.randint(h - crop + 1, (config.ae_batch,), generator=gen)
+        xs = torch.randint(w - crop + 1, (config.ae_batch,), generator=gen)
+        x = torch.stack([images[i, :, y:y + crop, xx:xx + crop] for i, y, xx in zip(idx.tolist(), ys.tolist(), xs.tolist())])
+        z = enc(x)  # TAESD.encode feeds the encoder images in [0, 1]
+        noisy = z + config.ae_latent_noise * torch.randn(z.shape, generator=gen)
+        y_hat = dec(noisy)  # and reads the decoder's output as [0, 1]
+        rec = (y_hat - x).square().mean()
+        mean = z.mean(dim=(0, 2, 3))
+        std = z.std(dim=(0, 2, 3))
+        stat = (mean.square() + (std - 1).square()).mean()
+        loss = rec + config.ae_stat_weight * stat
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        curve.append(float(rec))
+        if step % 25 == 0 or step == config.ae_steps - 1:
+            recent = sum(curve[-25:]) / len(curve[-25:])
+            log(f"[ae] step {step + 1}/{config.ae_steps} rec {recent:.5f} (~{10 * math.log10(1 / recent):.1f} dB) "
+                f"latent mean {mean.abs().mean():.2f} std {std.mean():.2f} lr {lr:.2e} "
+                f"elapsed {time.perf_counter() - t0:.0f}s")
+
+    # Latent statistics over whole images -> vae_scale / vae_shift (see module docstring).
+    with torch.no_grad():
+        z = torch.cat([enc(images[i:i + 64]) for i in range(0, min(n, 1024), 64)])
+    m, s = float(z.mean()), float(z.std())
+    vae_scale = LATENT_SCALE * s
+    with torch.no_grad():
+        ae.vae_scale.fill_(vae_scale)
+        ae.vae_shift.fill_(-m / vae_scale)
+    figures = {"ae_seconds": time.perf_counter() - t0, "ae_latent_mean": m, "ae_latent_std": s,
+               "ae_final_rec_mse": sum(curve[-25:]) / len(curve[-25:])}
+    return ae, figures
+
+
+# --------------------------------------------------------------------------------------------
+# UNet
+
+
+def _cosine(step: int, total: int, warmup: int, final: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _sdpa_override():
+    """transformer_options entry that routes every attention call to PyTorch SDPA."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    def override(func, *args, **kwargs):
+        return attention_pytorch(*args, **kwargs)
+
+    return {"optimized_attention_override": override}
+
+
+def _encode_texts(clip, texts):
+    """Conditioning tensors [len(texts), 77, 768] as CLIPTextEncode makes them."""
+    import torch
+
+    out = []
+    for text in texts:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        out.append(cond[0][0][0])
+    return torch.stack(out).float()
+
+
+def train_unet(model_patcher, latents, labels, conds, config: PretrainConfig, seed: int, deadline: float,
+               log=_log):
+    """Train ``model_patcher.model.diffusion_model`` in place on model-space ``latents`` [n, 4, h, w]
+    with ``conds[labels[i]]`` as context (``conds[-1]`` is the empty prompt). Returns the EMA state
+    dict (diffusion_model keys), the loss curve and whether the deadline cut the run short."""
+    import torch
+
+    base = model_patcher.model
+    dm = base.diffusion_model
+    ms = base.model_sampling
+    torch.manual_seed(seed * 1000 + 2)
+    gen = torch.Generator().manual_seed(seed * 1000 + 3)
+    with torch.inference_mode(False), torch.enable_grad():
+        # Normal (non-inference) fp32 tensors, whatever state the loader left them in.
+        for module_path, module in dm.named_modules():
+            zero = any(z in f".{module_path}." for z in ZERO_INIT)
+            for name, p in list(module.named_parameters(recurse=False)):
+                fresh = torch.nn.Parameter(p.detach().clone().float(), requires_grad=True)
+                if zero:
+                    fresh.data.zero_()
+                setattr(module, name, fresh)
+        dm.train()
+        params = [p for p in dm.parameters()]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=config.unet_lr)
+        ema = {k: v.detach().clone() for k, v in dm.state_dict().items()}
+        options = _sdpa_override()
+        sigmas = ms.sigmas.float()
+        n = latents.shape[0]
+        empty = conds.shape[0] - 1
+        curve = []
+        t0 = time.perf_counter()
+        truncated = False
+        for step in range(config.unet_steps):
+            if time.perf_counter() > deadline:
+                truncated = True
+                log(f"[unet] time budget reached at step {step}/{config.unet_steps}")
+                break
+            lr = config.unet_lr * _cosine(step, config.unet_steps, config.warmup_steps, config.final_lr_fraction)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = torch.randint(n, (config.unet_batch,), generator=gen)
+            x0 = latents[idx]
+            cond_idx = labels[idx].clone()
+            cond_idx[torch.rand(config.unet_batch, generator=gen) < config.caption_dropout] = empty
+            context = conds[cond_idx]
+            t = torch.randint(len(sigmas), (config.unet_batch,), generator=gen)
+            sigma = sigmas[t]
+            eps = torch.randn(x0.shape, generator=gen)
+            x_t = x0 + sigma.view(-1, 1, 1, 1) * eps
+            # As BaseModel._apply_model: scaled input, the sampling's timestep for sigma.
+            xc = ms.calculate_input(sigma, x_t)
+            timestep = ms.timestep(sigma).float()
+            pred = dm(xc, timestep, context=context, transformer_options=options).float()
+            snr = sigma.pow(-2)
+            weight = torch.clamp(snr, max=config.min_snr_gamma) / snr  # min-SNR for epsilon targets
+            per_sample = (pred - eps).square().mean(dim=(1, 2, 3))
+            loss = (weight * per_sample).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            opt.step()
+            d = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, v in dm.state_dict().items():
+                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            curve.append(float(loss))
+            if step % 10 == 0 or step == config.unet_steps - 1:
+                recent = sum(curve[-10:]) / len(curve[-10:])
+                elapsed = time.perf_counter() - t0
+                log(f"[unet] step {step + 1}/{config.unet_steps} loss {recent:.4f} grad {grad_norm:.2f} "
+                    f"lr {lr:.2e} elapsed {elapsed:.0f}s ({elapsed / (step + 1):.2f} s/step)")
+        dm.eval()
+    return ema, curve, truncated
+
+
+def _curve_summary(curve, points: int = 8) -> list[tuple[int, float]]:
+    """Mean loss over ``points`` equal windows of the curve: [(last step of window, mean)]."""
+    if not curve:
+        return []
+    size = max(1, len(curve) // points)
+    out = []
+    for start in range(0, len(curve), size):
+        window = curve[start:start + size]
+        out.append((start + len(window), sum(window) / len(window)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The whole build
+
+
+def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, *, max_minutes: float = 30.0,
+                           log=_log) -> tuple[dict, dict]:
+    """Pretrain everything; return (tensors in the single-file SD1.5 layout, metadata)."""
+    config = config or PretrainConfig()
+    started = time.perf_counter()
+    deadline = started + max_minutes * 60.0 - 45.0  # leave time to save
+    _prepare_comfy()
+    import torch
+    import comfy.sd
+    from tiny_model import tiny_sd15_state_dict
+
+    timings = {}
+    # 1. Data.
+    t = time.perf_counter()
+    items = world.base_dataset(config.n_images, seed=seed)
+    images = _images_tensor(items)
+    eval_images = _images_tensor(world.base_dataset(config.n_eval_images, seed=seed + 10_000))
+    captions = [world.caption(s, c) for s, c in world.base_combos()]
+    labels = torch.tensor([captions.index(item.caption) for item in items])
+    timings["render_s"] = time.perf_counter() - t
+    log(f"rendered {len(items)} training + {config.n_eval_images} held-out images in {timings['render_s']:.1f}s")
+
+    # 2. Autoencoder.
+    t = time.perf_counter()
+    ae, ae_figures = train_autoencoder(images, config, seed, log=log)
+    timings["autoencoder_s"] = time.perf_counter() - t
+
+    # 3. Load the tiny checkpoint with this VAE through ComfyUI's loader; measure; encode.
+    t = time.perf_counter()
+    sd = tiny_sd15_state_dict(vae="taesd", seed=seed)
+    for k, v in ae.state_dict().items():
+        sd[VAE_PREFIX + k] = v.detach().to(torch.float16).contiguous()
+    model_patcher, clip, vae = comfy.sd.load_state_dict_guess_config(dict(sd))[:3]  # it pops keys
+    with torch.inference_mode():
+        ae_psnr = vae_round_trip_psnr(vae, eval_images)
+        raw = vae.encode(images.permute(0, 2, 3, 1))  # VAEEncode: [B, H, W, C] in [0, 1]
+        latents = model_patcher.model.process_latent_in(raw).float()
+        conds = _encode_texts(clip, captions + [""])
+    latents, conds = latents.clone(), conds.clone()  # normal tensors for training
+    timings["encode_s"] = time.perf_counter() - t
+    log(f"autoencoder through comfy.sd.VAE: {ae_psnr:.2f} dB PSNR on held-out images; model latents "
+        f"mean {float(latents.mean()):.3f} std {float(latents.std()):.3f}; encoded in {timings['encode_s']:.1f}s")
+
+    # 4. UNet.
+    t = time.perf_counter()
+    ema, curve, truncated = train_unet(model_patcher, latents, labels, conds, config, seed, deadline, log=log)
+    timings["unet_s"] = time.perf_counter() - t
+
+    # 5. The checkpoint: EMA UNet + trained TAESD + the same random CLIP (fp16).
+    for k, v in ema.items():
+        key = UNET_PREFIX + k
+        if key not in sd:
+            raise KeyError(f"UNet key {key} is not in the tiny checkpoint layout")
+        sd[key] = v.to(torch.float16).contiguous()
+    timings["total_s"] = time.perf_counter() - started
+    summary = _curve_summary(curve)
+    metadata = {
+        "personalize.world.version": VERSION,
+        "personalize.world.seed": str(seed),
+        "personalize.world.config": json.dumps(dataclasses.asdict(config), sort_keys=True),
+        "personalize.world.ae_psnr_db": f"{ae_psnr:.3f}",
+        "personalize.world.ae": json.dumps(ae_figures),
+        "personalize.world.unet_steps_done": str(len(curve)),
+        "personalize.world.unet_loss_curve": json.dumps([[s, round(v, 5)] for s, v in summary]),
+        "personalize.world.truncated": "true" if truncated else "false",
+        "personalize.world.timings": json.dumps({k: round(v, 1) for k, v in timings.items()}),
+        "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.title": f"quality world s{seed} {VERSION}",
+    }
+    log(f"UNet loss (window end step: mean): " + ", ".join(f"{s}: {v:.4f}" for s, v in summary))
+    log(f"timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return sd, metadata
+
+
+def vae_round_trip_psnr(vae, images) -> float:
+    """PSNR of ``vae.decode(vae.encode(x))`` against ``x`` ([n, 3, H, W] in [0, 1]), through
+    ComfyUI's ``VAE`` object as the VAEEncode / VAEDecode nodes call it."""
+    pixels = images.permute(0, 2, 3, 1)
+    decoded = vae.decode(vae.encode(pixels))
+    return psnr(decoded.reshape(pixels.shape).clamp(0, 1), pixels)
+
+
+def checkpoint_metadata(checkpoint) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation through the stock nodes
+
+
+def base_prompts() -> dict[str, tuple[str, str]]:
+    """The 12 base captions and the (shape, colour) each should draw."""
+    return {world.caption(s, c): (s, c) for s, c in world.base_combos()}
+
+
+def base_accuracy(checkpoint, samples_per_prompt: int = 16, *, steps: int = 20, cfg: float = 5.0,
+                  sampler: str = "euler", scheduler: str = "normal", seed: int = 0, out_dir=None,
+                  runtime=None) -> dict:
+    """Sample every base prompt ``samples_per_prompt`` times with the stock nodes (one graph:
+    CheckpointLoaderSimple -> CLIPTextEncode (prompt, "") -> EmptyLatentImage 64x64 -> KSampler ->
+    VAEDecode -> SaveImage per prompt) in the in-process ComfyUI runtime and judge the images.
+
+    Returns ``{"overall", "per_prompt": {caption: fraction}, "shape", "colour" (fractions of
+    samples with the right shape / colour), "judged": {caption: [(shape, colour), ...]},
+    "seconds"}``. With ``out_dir``, also writes a contact sheet ``base_samples.png`` there."""
+    from PIL import Image
+
+    harness_runtime = _prepare_comfy()
+    rt = runtime or harness_runtime.boot()
+    checkpoint = Path(checkpoint)
+    ckpt = rt.install_model("checkpoints", checkpoint, f"quality-world-eval-{checkpoint.name}")
+    prompts = base_prompts()
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
+                                                           "batch_size": samples_per_prompt}},
+    }
+    save_nodes = {}
+    for i, text in enumerate(prompts):
+        base = 10 + 10 * i
+        ids = [str(base + k) for k in range(5)]
+        graph[ids[0]] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}}
+        graph[ids[1]] = {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": [ids[0], 0], "negative": ["2", 0], "latent_image": ["3", 0],
+            "seed": seed + i, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+            "denoise": 1.0}}
+        graph[ids[2]] = {"class_type": "VAEDecode", "inputs": {"samples": [ids[1], 0], "vae": ["1", 2]}}
+        graph[ids[3]] = {"class_type": "SaveImage", "inputs": {"images": [ids[2], 0],
+                                                               "filename_prefix": f"quality_world_base/{i:02d}"}}
+        save_nodes[text] = ids[3]
+    t = time.perf_counter()
+    result = rt.run_prompt(graph)
+    seconds = time.perf_counter() - t
+    judged, images = {}, {}
+    for text, node in save_nodes.items():
+        paths = sorted(rt.image_paths(result, node))
+        images[text] = [Image.open(p).convert("RGB") for p in paths]
+        judged[text] = [world_judge.judge(im) for im in images[text]]
+    per_prompt = {text: sum(j == prompts[text] for j in js) / max(1, len(js)) for text, js in judged.items()}
+    every = [(j, prompts[text]) for text, js in judged.items() for j in js]
+    report = {
+        "overall": sum(j == e for j, e in every) / max(1, len(every)),
+        "shape": sum(j[0] == e[0] for j, e in every) / max(1, len(every)),
+        "colour": sum(j[1] == e[1] for j, e in every) / max(1, len(every)),
+        "per_prompt": per_prompt,
+        "judged": judged,
+        "seconds": seconds,
+        "samples_per_prompt": samples_per_prompt,
+        "settings": {"steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed},
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _contact_sheet(images, out_dir / "base_samples.png")
+    return report
+
+
+def _contact_sheet(rows: dict, path: Path, per_row: int = 16) -> None:
+    from PIL import Image, ImageDraw
+
+    width = 110 + per_row * 64
+    sheet = Image.new("RGB", (width, 64 * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, ims) in enumerate(rows.items()):
+        draw.text((4, r * 64 + 26), label, fill=(0, 0, 0))
+        for c, im in enumerate(ims[:per_row]):
+            sheet.paste(im.resize((64, 64)), (110 + c * 64, r * 64))
+    sheet.save(path)
+
+
+def format_accuracy(report: dict) -> str:
+    lines = [f"{'prompt':<22}{'accuracy':>10}  judged (most common)"]
+    for text, acc in report["per_prompt"].items():
+        counts = {}
+        for j in report["judged"][text]:
+            counts[j] = counts.get(j, 0) + 1
+        common = ", ".join(f"{s} {c} x{k}" for (s, c), k in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+        lines.append(f"{text:<22}{acc:>10.3f}  {common}")
+    lines.append(f"{'overall':<22}{report['overall']:>10.3f}  (shape {report['shape']:.3f}, colour "
+                 f"{report['colour']:.3f}; {report['samples_per_prompt']} samples per prompt, "
+                 f"{report['seconds']:.0f}s)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: {cache_root()}")
+    parser.add_argument("--max-minutes", type=float, default=30.0, help="time budget for the build")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the checkpoint is cached")
+    parser.add_argument("--samples-per-prompt", type=int, default=16)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--no-eval", action="store_true", help="build only; skip base accuracy")
+    parser.add_argument("--out", type=Path, default=None, help="folder for a contact sheet of the samples")
+    parser.add_argument("--threads", type=int, default=2)
+    for f in dataclasses.fields(PretrainConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                            help=f"recipe override (default {f.default})")
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
+                 if getattr(args, f.name) is not None}
+    config = PretrainConfig(**overrides)
+    _prepare_comfy(args.threads)
+    t0 = time.perf_counter()
+    path = pretrained_world_checkpoint(args.cache_dir, args.seed, config=config, max_minutes=args.max_minutes,
+                                       force=args.force)
+    build_s = time.perf_counter() - t0
+    meta = checkpoint_metadata(path)
+    print(f"checkpoint: {path} (ready in {build_s:.1f}s)")
+    for key in ("ae_psnr_db", "unet_steps_done", "unet_loss_curve", "truncated", "timings"):
+        print(f"  {key}: {meta.get('personalize.world.' + key)}")
+    if not args.no_eval:
+        report = base_accuracy(path, args.samples_per_prompt, steps=args.sample_steps, cfg=args.cfg, out_dir=args.out)
+        print(format_accuracy(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
