@@ -1,11 +1,14 @@
 """Hypernetwork nodes: train one on a dataset, save it where stock `HypernetworkLoader` finds it."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 import folder_paths
 
-from ..trainers.formats.files import resolve_inside, safe_stem, write_new_file
+from ..trainers.checkpoint import load_state
+from ..trainers.formats.files import atomic_output, resolve_inside, safe_stem, write_new_file
 from ..trainers.methods import create_method
 from ..trainers.methods.hypernetwork import ACTIVATIONS, HypernetworkConfig
 from ._api import io, ui
@@ -85,17 +88,28 @@ class PersonalizeSaveHypernetwork(io.ComfyNode):
             inputs=[
                 Hypernetwork.Input("hypernetwork", tooltip="From Personalize Train Hypernetwork."),
                 io.String.Input("name", default="personalize/my_hypernetwork", tooltip="File name inside the hypernetworks folder (no '..')."),
+                io.String.Input("checkpoint", default="", optional=True, tooltip="The training node's checkpoint output: also write the optimizer state as A1111's '<file>.optim' for resuming there."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, hypernetwork, name) -> io.NodeOutput:
+    def execute(cls, hypernetwork, name, checkpoint="") -> io.NodeOutput:
         root = folder_paths.get_folder_paths("hypernetworks")[0]
         target = resolve_inside(root, safe_stem(name, input_name="name"))
         path = write_new_file(target.parent, target.name, ".pt", lambda tmp: torch.save(hypernetwork, tmp))
+        if checkpoint and checkpoint.strip():
+            write_a1111_optimizer_state(path, load_state(checkpoint.strip()))
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path.relative_to(root).as_posix() if path.is_relative_to(root) else path}"))
+
+
+def write_a1111_optimizer_state(hypernetwork_path, state: dict) -> None:
+    """A1111's resume sidecar `<file>.optim`: it reuses the state when `hash` matches the file's."""
+    digest = hashlib.sha256(hypernetwork_path.read_bytes()).hexdigest()[:10]
+    optim = {"hash": digest, "optimizer_name": "AdamW", "optimizer_state_dict": state["optimizer"]}
+    with atomic_output(hypernetwork_path.with_name(hypernetwork_path.name + ".optim"), overwrite=True) as tmp:
+        torch.save(optim, tmp)
 
 
 NODES = [PersonalizeTrainHypernetwork, PersonalizeSaveHypernetwork]

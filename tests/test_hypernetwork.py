@@ -148,10 +148,15 @@ def test_nodes_train_save_and_stock_loader_in_graphs(comfy_runtime, tiny_checkpo
             "grad_accumulation": 1, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "loss_type": "mse",
             "min_snr_gamma": 5.0, "noise_offset": 0.0, "max_grad_norm": 1.0, "precision": "fp32",
             "gradient_checkpointing": False, "seed": 0, "checkpoint_every": 0, "run_name": "hn", "resume": ""}},
-        "4": {"class_type": "PersonalizeSaveHypernetwork", "inputs": {"hypernetwork": ["3", 1], "name": "tests/hn"}},
+        "4": {"class_type": "PersonalizeSaveHypernetwork", "inputs": {"hypernetwork": ["3", 1], "name": "tests/hn",
+                                                                       "checkpoint": ["3", 3]}},
     }
     result = comfy_runtime.run_prompt(graph)
     saved = result["outputs"]["4"]["text"][0].removeprefix("saved ")
+    optim = torch.load(comfy_runtime.folder("hypernetworks") / (saved + ".optim"), weights_only=True)
+    import hashlib
+    assert optim["hash"] == hashlib.sha256((comfy_runtime.folder("hypernetworks") / saved).read_bytes()).hexdigest()[:10]
+    assert optim["optimizer_state_dict"]["state"]
     stock = txt2img_graph(tiny_checkpoint, steps=2, prefix="hn_stock")
     stock["8"] = {"class_type": "HypernetworkLoader", "inputs": {"model": ["1", 0], "hypernetwork_name": saved, "strength": 1.0}}
     stock["5"]["inputs"]["model"] = ["8", 0]
