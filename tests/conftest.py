@@ -98,3 +98,15 @@ def pack(comfy_runtime):
         build = comfy_runtime.pack_import("trainers.data.build")
         captions = comfy_runtime.pack_import("trainers.data.captions")
     return Pack
+
+
+@pytest.fixture(scope="session")
+def base(tiny_checkpoint_path):
+    """(MODEL, CLIP, VAE) of the tiny checkpoint, loaded by ComfyUI's own loader under inference mode
+    as the executor loads it."""
+    import torch
+    import comfy.sd
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True,
+                                                                    output_clip=True)
+    return model, clip, vae

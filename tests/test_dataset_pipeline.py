@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-import comfy.sd
 
 
 def _mixed_folder(folder, with_masks=False):
@@ -25,13 +24,6 @@ def _mixed_folder(folder, with_masks=False):
             mask.paste(255, (0, 0, w // 2, h))
             mask.save(folder / f"img{i}_mask.png")
     return folder
-
-
-@pytest.fixture(scope="module")
-def base(tiny_checkpoint_path):
-    with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True, output_clip=True)
-    return model, clip, vae
 
 
 class _Counting:

@@ -1,6 +1,5 @@
 """The example LoRA workflow queued over ComfyUI's HTTP API on a real `main.py --cpu` server."""
 import json
-import time
 from pathlib import Path
 
 import numpy as np

@@ -5,14 +5,6 @@ import pickle
 import pytest
 import torch
 
-import comfy.sd
-
-
-@pytest.fixture(scope="module")
-def base(tiny_checkpoint_path):
-    with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True, output_clip=True)
-    return model, clip, vae
 
 
 @pytest.fixture(scope="module")

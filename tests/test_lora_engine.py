@@ -35,13 +35,6 @@ class _CancelAt:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_checkpoint_path):
-    with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True, output_clip=True)
-    return model, clip, vae
-
-
-@pytest.fixture(scope="module")
 def data(pack, base, tmp_path_factory):
     from harness import make_sample_dataset
     folder = tmp_path_factory.mktemp("engine-data")

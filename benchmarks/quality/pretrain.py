@@ -451,8 +451,8 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
         "modelspec.architecture": "stable-diffusion-v1",
         "modelspec.title": f"quality world s{seed} {VERSION}",
     }
-    log(f"UNet loss (window end step: mean): " + ", ".join(f"{s}: {v:.4f}" for s, v in summary))
-    log(f"timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    log("UNet loss (window end step: mean): " + ", ".join(f"{s}: {v:.4f}" for s, v in summary))
+    log("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return sd, metadata
 
 
