@@ -13,7 +13,8 @@ def test_quality_benchmark_smoke(comfy_runtime, tmp_path, tiny_checkpoint_path):
     sys.path.insert(0, str(QUALITY))
     import evaluate
 
-    table = evaluate.run(["lora"], tiny_checkpoint_path, count=2, steps=3, sample_steps=2, cfg=1.0, out_dir=tmp_path)
+    table = evaluate.run(["lora"], tiny_checkpoint_path, count=2, steps=3, sample_steps=2, cfg=1.0, out_dir=tmp_path,
+                         classifier_steps=5)
     row = table["lora"]
     for metric in ("subject_fidelity", "prompt_fidelity", "preservation"):
         assert 0.0 <= row[metric] <= 1.0

@@ -24,6 +24,7 @@ for extra in (REPO / "tests", REPO / "scripts", REPO / "benchmarks" / "quality")
 from harness import install_model  # noqa: E402
 from harness import runtime as harness_runtime  # noqa: E402
 
+import classifier  # noqa: E402
 import judge as world_judge  # noqa: E402
 import world  # noqa: E402
 
@@ -136,7 +137,7 @@ def contact_sheet(rows: dict[str, list], path: Path) -> None:
 
 
 def run(methods: list[str], checkpoint: Path, *, count: int, steps: int | None, sample_steps: int, cfg: float,
-        out_dir: Path, concept_seed: int = 0) -> dict:
+        out_dir: Path, concept_seed: int = 0, classifier_steps: int = 300) -> dict:
     from PIL import Image
     rt = harness_runtime.boot()
     ckpt = install_model(rt.base_dir, "checkpoints", checkpoint, "quality_world.safetensors")
@@ -163,6 +164,8 @@ def run(methods: list[str], checkpoint: Path, *, count: int, steps: int | None, 
         judged = {k: [world_judge.judge(im) for im in ims] for k, ims in images.items()}
         lora_file = Path(result["outputs"]["4"]["text"][0].removeprefix("saved "))
         row = score(judged, expected)
+        real_positives = [item.image for item in world.concept_images(5, seed=concept_seed)]
+        row.update(classifier.rare_class_experiment(real_positives, images["subject"], steps=classifier_steps))
         row.update(diversity=diversity(images["subject"]), train_seconds=end[0]["seconds"] if end else seconds,
                    graph_seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    artifact_mb=(rt.folder("loras") / lora_file).stat().st_size / 2**20)
@@ -173,10 +176,14 @@ def run(methods: list[str], checkpoint: Path, *, count: int, steps: int | None, 
 
 
 def print_table(table: dict) -> None:
-    columns = ["subject_fidelity", "prompt_fidelity", "preservation", "diversity", "train_seconds", "peak_rss_mb", "artifact_mb"]
-    print(f"{'method':<20}" + "".join(f"{c:>18}" for c in columns))
+    columns = ["subject_fidelity", "prompt_fidelity", "preservation", "diversity", "train_seconds", "peak_rss_mb",
+               "artifact_mb", "balanced_acc_real", "balanced_acc_augmented"]
+    short = {"subject_fidelity": "subject", "prompt_fidelity": "prompt", "preservation": "preserve",
+             "diversity": "diversity", "train_seconds": "train s", "peak_rss_mb": "peak MB", "artifact_mb": "file MB",
+             "balanced_acc_real": "rare:real", "balanced_acc_augmented": "rare:+gen"}
+    print(f"{'method':<18}" + "".join(f"{short[c]:>10}" for c in columns))
     for name, row in table.items():
-        print(f"{name:<20}" + "".join(f"{row[c]:>18.3f}" for c in columns))
+        print(f"{name:<18}" + "".join(f"{row[c]:>10.3f}" for c in columns))
 
 
 def main(argv=None) -> int:
@@ -188,18 +195,20 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--checkpoint", type=Path, help="a world checkpoint (default: pretrain or reuse the cached one)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality" / "results")
+    parser.add_argument("--classifier-steps", type=int, default=300, help="training steps of the rare-class classifier")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 steps, 2 samples: checks the pipeline")
     args = parser.parse_args(argv)
     if args.smoke:
         from tiny_model import cached_tiny_checkpoint
         args.checkpoint, args.steps, args.samples, args.sample_steps = cached_tiny_checkpoint("taesd"), 3, 2, 2
+        args.classifier_steps = 5
         args.methods = args.methods[:1] if args.methods == list(METHODS) else args.methods
     if args.checkpoint is None:
         from pretrain import pretrained_world_checkpoint
         args.checkpoint = pretrained_world_checkpoint()
     args.out.mkdir(parents=True, exist_ok=True)
     table = run(args.methods, args.checkpoint, count=args.samples, steps=args.steps, sample_steps=args.sample_steps,
-                cfg=args.cfg, out_dir=args.out)
+                cfg=args.cfg, out_dir=args.out, classifier_steps=args.classifier_steps)
     print_table(table)
     (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                                        "table": table}, indent=1))
