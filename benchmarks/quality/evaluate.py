@@ -37,11 +37,18 @@ CONCEPT = ("cross", "purple")
 
 @dataclass
 class Method:
-    """A method as the benchmark runs it: a training node and its inputs (per-method defaults)."""
+    """A method as the benchmark runs it: a training node, its inputs (per-method defaults), which of
+    its outputs carry the CLIP and the artifact, and the node that saves the artifact."""
 
     name: str
     node: str = "PersonalizeTrainLoRA"
     inputs: dict = field(default_factory=dict)
+    clip_output: int | None = 1  # None: sample with the checkpoint's CLIP
+    artifact_output: int = 2
+    save_node: str = "PersonalizeSaveLoRA"
+    save_input: str = "lora"
+    save_extra: dict = field(default_factory=lambda: {"save_dtype": "fp16"})
+    artifact_folder: str = "loras"
 
 
 LORA_DEFAULTS = {
@@ -57,6 +64,14 @@ METHODS = {
     "lora_all_layers": Method("lora_all_layers", inputs={**LORA_DEFAULTS, "targets": "all", "learning_rate": 5e-4}),
     "dora": Method("dora", inputs={**LORA_DEFAULTS, "dora": True}),
     "lora_text_encoder": Method("lora_text_encoder", inputs={**LORA_DEFAULTS, "train_text_encoder": True}),
+    "hypernetwork": Method("hypernetwork", node="PersonalizeTrainHypernetwork", clip_output=None, artifact_output=1,
+                           save_node="PersonalizeSaveHypernetwork", save_input="hypernetwork", save_extra={},
+                           artifact_folder="hypernetworks",
+                           inputs={**{k: v for k, v in LORA_DEFAULTS.items() if k not in (
+                               "rank", "alpha", "targets", "train_text_encoder", "text_encoder_lr", "dora", "initial_lora")},
+                               "learning_rate": 1e-4, "layer_structure": "1, 2, 1", "activation": "linear",
+                               "layer_norm": False, "dropout": False, "last_layer_dropout": False,
+                               "activate_output": False, "weight_init": "normal"}),
 }
 
 
@@ -94,14 +109,15 @@ def method_graph(method: Method, ckpt: str, folder: Path, prompts: dict[str, str
             "flip": True, "trigger_word": "", "instance_prompt": "", "shuffle_tags": False, "keep_tokens": 0,
             "tag_dropout": 0.0, "caption_dropout": 0.0, "masked_loss": False, "seed": 0, "use_cache": True}},
         "3": {"class_type": method.node, "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0], **inputs}},
-        "4": {"class_type": "PersonalizeSaveLoRA", "inputs": {"lora": ["3", 2], "name": f"quality/{method.name}",
-                                                               "save_dtype": "fp16"}},
+        "4": {"class_type": method.save_node, "inputs": {method.save_input: ["3", method.artifact_output],
+                                                          "name": f"quality/{method.name}", **method.save_extra}},
     }
+    clip_ref = ["3", method.clip_output] if method.clip_output is not None else ["1", 1]
     save_nodes = {}
     next_id = 10
     for key, text in prompts.items():
         save_nodes[key] = str(next_id + 5)
-        next_id = _sampling_branch(prompt, next_id, ["3", 0], ["3", 1], ["1", 2], text, count, 1000 + next_id,
+        next_id = _sampling_branch(prompt, next_id, ["3", 0], clip_ref, ["1", 2], text, count, 1000 + next_id,
                                    f"quality/{method.name}/{key}", sample_steps, cfg)
     return prompt, save_nodes
 
@@ -168,7 +184,7 @@ def run(methods: list[str], checkpoint: Path, *, count: int, steps: int | None, 
         row.update(classifier.rare_class_experiment(real_positives, images["subject"], steps=classifier_steps))
         row.update(diversity=diversity(images["subject"]), train_seconds=end[0]["seconds"] if end else seconds,
                    graph_seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   artifact_mb=(rt.folder("loras") / lora_file).stat().st_size / 2**20)
+                   artifact_mb=(rt.folder(method.artifact_folder) / lora_file).stat().st_size / 2**20)
         table[name] = row
         contact_sheet({k: v[:8] for k, v in images.items() if not k.startswith("base_") or k.endswith("_circle")},
                       out_dir / f"grid_{name}.png")

@@ -264,7 +264,7 @@ def train_autoencoder(images, config: PretrainConfig, seed: int, log=_log):
         if step % 25 == 0 or step == config.ae_steps - 1:
             recent = sum(curve[-25:]) / len(curve[-25:])
             log(f"[ae] step {step + 1}/{config.ae_steps} rec {recent:.5f} (~{10 * math.log10(1 / recent):.1f} dB) "
-                f"latent mean {float(mean.abs().mean()):.2f} std {float(std.mean()):.2f} lr {lr:.2e} "
+                f"latent mean {float(mean.detach().abs().mean()):.2f} std {float(std.detach().mean()):.2f} lr {lr:.2e} "
                 f"elapsed {time.perf_counter() - t0:.0f}s")
     ae.to(memory_format=torch.contiguous_format)
 

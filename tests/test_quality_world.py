@@ -1,0 +1,142 @@
+"""The quality benchmark's synthetic world and judge (fast: no pretraining, no ComfyUI graph)."""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality"
+if str(QUALITY) not in sys.path:
+    sys.path.insert(0, str(QUALITY))
+
+import judge  # noqa: E402
+import pretrain  # noqa: E402
+import world  # noqa: E402
+
+NO_OBJECT = ("none", "unknown")
+
+
+def _pixels(items):
+    return [np.asarray(item.image) for item in items]
+
+
+@pytest.mark.parametrize("shape", world.SHAPES)
+def test_judge_is_right_on_every_clean_render(shape):
+    # 4 shapes x 5 colours x 16 seeded renders = 320 images, every size/position/rotation drawn.
+    wrong = []
+    for colour in world.COLOURS:
+        for i in range(16):
+            rng = np.random.default_rng([12345, world.SHAPES.index(shape), world.COLOURS.index(colour), i])
+            image = world.render(shape, colour, rng)
+            got = judge.judge(image)
+            if got != (shape, colour):
+                wrong.append((colour, i, got, judge.describe(image)))
+    assert not wrong, wrong
+
+
+def test_judge_is_right_on_the_datasets():
+    for item in world.base_dataset(24, seed=7) + world.concept_images(5, seed=7):
+        assert judge.judge(item.image) == (item.shape, item.colour), item.caption
+
+
+def test_judge_accepts_arrays():
+    image = world.render("triangle", "green", 3)
+    arr = np.asarray(image)
+    assert judge.judge(arr) == ("triangle", "green")
+    assert judge.judge(arr.astype(np.float32) / 255.0) == ("triangle", "green")
+
+
+def _no_object_images():
+    rng = np.random.default_rng(0)
+    speck = np.full((64, 64, 3), 238, np.uint8)
+    speck[30:32, 30:32] = (200, 30, 30)  # 4 pixels: too small to be an object
+    return {
+        "blank light": Image.new("RGB", (64, 64), (240, 240, 238)),
+        "blank black": Image.new("RGB", (64, 64), (0, 0, 0)),
+        "uniform noise": Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+        "grey noise": Image.fromarray(np.clip(128 + rng.normal(0, 50, (64, 64, 3)), 0, 255).astype(np.uint8)),
+        "light noise": Image.fromarray(np.clip(235 + rng.normal(0, 6, (64, 64, 3)), 0, 255).astype(np.uint8)),
+        "speck": Image.fromarray(speck),
+    }
+
+
+@pytest.mark.parametrize("name", list(_no_object_images()))
+def test_judge_says_none_without_an_object(name):
+    shape, colour = judge.judge(_no_object_images()[name])
+    assert shape in NO_OBJECT and colour in NO_OBJECT, (name, shape, colour)
+
+
+def test_judge_does_not_name_a_grey_object_or_a_bar():
+    grey = np.full((64, 64, 3), 240, np.uint8)
+    grey[20:44, 20:44] = (110, 110, 110)
+    assert judge.judge(grey) == ("square", "unknown")
+    bar = np.full((64, 64, 3), 240, np.uint8)
+    bar[28:36, 8:56] = (215, 45, 40)  # a long red bar is not one of the shapes
+    assert judge.judge(bar) == ("unknown", "red")
+
+
+def test_captions():
+    assert world.caption("circle", "red") == "a red circle"
+    assert world.caption("cross", identifier="sks") == "a sks cross"
+    assert world.caption("cross", "purple", "sks") == "a purple sks cross"
+    assert [it.caption for it in world.concept_images(2)] == ["a sks cross"] * 2
+    assert world.concept_images(1, with_colour=True)[0].caption == "a purple sks cross"
+    with pytest.raises(ValueError):
+        world.caption("hexagon", "red")
+    with pytest.raises(ValueError):
+        world.caption("circle", "orange")
+
+
+def test_base_dataset_is_balanced_and_leaves_the_concept_out():
+    items = world.base_dataset(36, seed=1)
+    combos = [(it.shape, it.colour) for it in items]
+    assert sorted(set(combos)) == sorted(world.base_combos()) and len(world.base_combos()) == 12
+    assert all(combos.count(c) == 3 for c in world.base_combos())
+    assert all(it.caption == world.caption(it.shape, it.colour) for it in items)
+    assert not any("cross" in it.caption or "purple" in it.caption or "sks" in it.caption for it in items)
+    assert all(it.image.size == (64, 64) and it.image.mode == "RGB" for it in items)
+
+
+def test_world_is_deterministic():
+    a, b = world.base_dataset(24, seed=3), world.base_dataset(24, seed=3)
+    assert [x.caption for x in a] == [x.caption for x in b]
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(b)))
+    # The first items do not depend on how many are asked for.
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(world.base_dataset(12, seed=3)), _pixels(a)))
+    # Another seed gives other images.
+    other = world.base_dataset(24, seed=4)
+    assert not any(np.array_equal(x, y) for x, y in zip(_pixels(other), _pixels(a)))
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(world.concept_images(5, seed=2)),
+                                                     _pixels(world.concept_images(5, seed=2))))
+    assert np.array_equal(np.asarray(world.render("square", "blue", 9)), np.asarray(world.render("square", "blue", 9)))
+    # Renders vary: size, position, rotation, background.
+    renders = [np.asarray(world.render("square", "blue", s)) for s in range(6)]
+    assert len({r.tobytes() for r in renders}) == 6
+
+
+def test_write_folder(tmp_path):
+    items = world.concept_images(3, seed=0)
+    paths = world.write_folder(tmp_path / "concept", items)
+    assert [p.name for p in paths] == ["0000.png", "0001.png", "0002.png"]
+    for path, item in zip(paths, items):
+        assert path.with_suffix(".txt").read_text(encoding="utf-8").strip() == "a sks cross"
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(item.image))
+    # Plain (image, caption) pairs work too.
+    world.write_folder(tmp_path / "pairs", [(items[0].image, "a purple sks cross")])
+    assert (tmp_path / "pairs" / "0000.txt").read_text(encoding="utf-8").strip() == "a purple sks cross"
+
+
+def test_checkpoint_cache_names_and_hit(tmp_path):
+    default = pretrain.checkpoint_path(tmp_path, seed=3)
+    assert default.parent == tmp_path
+    assert pretrain.VERSION in default.name and "-s3" in default.name and default.suffix == ".safetensors"
+    changed = pretrain.checkpoint_path(tmp_path, seed=3, config=pretrain.PretrainConfig(unet_steps=10))
+    assert changed != default and changed != pretrain.checkpoint_path(tmp_path, seed=4)
+    # A cached file is returned at once, without building anything.
+    default.write_bytes(b"cached")
+    started = time.perf_counter()
+    assert pretrain.pretrained_world_checkpoint(tmp_path, seed=3) == default
+    assert time.perf_counter() - started < 1.0
+    assert default.read_bytes() == b"cached"
