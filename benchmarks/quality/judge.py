@@ -10,10 +10,15 @@ No learned parts, so it cannot drift or be fooled the way a classifier can:
    foreground means there is no clear object: ("none", "none").
 3. Colour: the hue of the median colour of the object's core pixels (those well away from the
    background, so anti-aliased edges do not count), in fixed hue bands; a grey object is "unknown".
-4. Shape, from the object's geometry (pixel centres, convex hull grown by half a pixel):
-   solidity = area / hull area; a cross has low solidity and four separate concavities (the four
-   corners between its arms). Convex objects by their fill of the minimum-area rectangle, which is
-   rotation-aware: square ~1.0, circle pi/4 ~ 0.785, triangle 0.5.
+4. Shape, from the object's geometry (pixel centres; convex hull grown by half a pixel), using
+   measures of the hull where possible, so that wobbly or slightly concave edges of generated
+   shapes do not change the answer:
+   - cross: four separate concavities (the corners between its arms) and low solidity
+     (object area / hull area: ~0.71 for the world's cross, > 0.9 for the convex shapes);
+   - triangle: the hull fills about half of its minimum-area (rotation-aware) rectangle
+     (circle pi/4, square 1);
+   - circle vs square: the hull's isoperimetric quotient 4 pi A / P^2 (circle 1, square pi/4);
+   - very elongated or very non-convex objects are "unknown".
 
 ``judge(image) -> (shape, colour)``; shape in ``SHAPES`` or "unknown"/"none", colour in ``COLOURS``
 or "unknown"/"none". ``describe(image)`` returns the measurements as well.
@@ -41,12 +46,15 @@ MIN_SATURATION = 0.25
 # Hue bands in degrees, [start, end); red wraps around 0.
 HUE_BANDS = (("red", 330, 360), ("red", 0, 30), ("yellow", 30, 90), ("green", 90, 180),
              ("blue", 180, 255), ("purple", 255, 330))
-CROSS_SOLIDITY = 0.85  # below: not convex
+CROSS_SOLIDITY = 0.81  # a cross (with 4 concavities) is below: 5/9 of its hull's 7/9, ~0.71
 MIN_CONCAVITY_SHARE = 0.015  # of the hull area, for a concavity to count
-MAX_ASPECT = 1.8  # of the minimum-area rectangle
-SQUARE_FILL = 0.87  # rectangle fill at or above: square
-CIRCLE_FILL = 0.66  # rectangle fill in [CIRCLE_FILL, SQUARE_FILL): circle
-TRIANGLE_FILL = 0.38  # rectangle fill in [TRIANGLE_FILL, CIRCLE_FILL): triangle
+MIN_SOLIDITY = 0.7  # anything less convex (and not a cross) is no world shape
+MAX_ASPECT = 2.0  # of the minimum-area rectangle
+# The convex hull's fill of its minimum-area rectangle: triangle 0.5, circle pi/4, square 1.
+TRIANGLE_HULL_FILL = 0.7  # below: triangle
+# The convex hull's isoperimetric quotient 4 pi A / P^2: circle 1, square pi/4 ~ 0.785.
+CIRCLE_HULL_ISO = 0.91  # at or above: circle, else square
+MIN_TRIANGLE_FILL = 0.38  # the object's own fill of the rectangle, for a triangle
 
 
 def _rgb_array(image) -> np.ndarray:
@@ -203,19 +211,20 @@ def describe(image) -> dict:
     c_labels, c_n = _components(concavity)
     c_sizes = np.bincount(c_labels.ravel())[1:] if c_n else np.zeros(0, dtype=np.int64)
     concavities = int((c_sizes >= max(3.0, MIN_CONCAVITY_SHARE * grown_hull_area)).sum())
-    out.update(area=area, solidity=solidity, rect_fill=fill, aspect=aspect, concavities=concavities)
-    if solidity < CROSS_SOLIDITY:
-        out["shape"] = "cross" if concavities == 4 and aspect <= MAX_ASPECT else UNKNOWN
-    elif aspect > MAX_ASPECT:
+    hull_fill = grown_hull_area / rect_area
+    hull_iso = 4 * math.pi * grown_hull_area / (hull_perimeter + math.pi) ** 2  # grown hull's perimeter
+    out.update(area=area, solidity=solidity, rect_fill=fill, hull_fill=hull_fill, hull_iso=hull_iso,
+               aspect=aspect, concavities=concavities)
+    if concavities == 4 and solidity < CROSS_SOLIDITY and aspect <= MAX_ASPECT:
+        out["shape"] = "cross"
+    elif solidity < MIN_SOLIDITY or aspect > MAX_ASPECT:
         out["shape"] = UNKNOWN
-    elif fill >= SQUARE_FILL:
-        out["shape"] = "square"
-    elif fill >= CIRCLE_FILL:
+    elif hull_fill < TRIANGLE_HULL_FILL:
+        out["shape"] = "triangle" if fill >= MIN_TRIANGLE_FILL else UNKNOWN
+    elif hull_iso >= CIRCLE_HULL_ISO:
         out["shape"] = "circle"
-    elif fill >= TRIANGLE_FILL:
-        out["shape"] = "triangle"
     else:
-        out["shape"] = UNKNOWN
+        out["shape"] = "square"
     return out
 
 

@@ -526,7 +526,7 @@ def base_accuracy(checkpoint, samples_per_prompt: int = 16, *, steps: int = 20, 
 
     Returns ``{"overall", "per_prompt": {caption: fraction}, "shape", "colour" (fractions of
     samples with the right shape / colour), "judged": {caption: [(shape, colour), ...]},
-    "seconds"}``. With ``out_dir``, also writes a contact sheet ``base_samples.png`` there."""
+    "images": {caption: [PIL images]}, "seconds"}``. With ``out_dir``, also writes a contact sheet ``base_samples.png`` there."""
     from PIL import Image
 
     harness_runtime = _prepare_comfy()
@@ -569,6 +569,7 @@ def base_accuracy(checkpoint, samples_per_prompt: int = 16, *, steps: int = 20, 
         "colour": sum(j[1] == e[1] for j, e in every) / max(1, len(every)),
         "per_prompt": per_prompt,
         "judged": judged,
+        "images": images,
         "seconds": seconds,
         "samples_per_prompt": samples_per_prompt,
         "settings": {"steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed},
