@@ -11,9 +11,9 @@ QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality"
 if str(QUALITY) not in sys.path:
     sys.path.insert(0, str(QUALITY))
 
-import judge  # noqa: E402
-import pretrain  # noqa: E402
-import world  # noqa: E402
+import judge
+import pretrain
+import world
 
 NO_OBJECT = ("none", "unknown")
 

@@ -180,7 +180,7 @@ def describe(image) -> dict:
     if total < MIN_OBJECT_FRACTION * h * w or total > MAX_FOREGROUND_FRACTION * h * w:
         out["reason"] = "no clear foreground"
         return out
-    labels, n = _components(foreground)
+    labels, _ = _components(foreground)
     sizes = np.bincount(labels.ravel())[1:]
     largest = int(np.argmax(sizes)) + 1
     obj = labels == largest
@@ -235,4 +235,4 @@ def judge(image) -> tuple[str, str]:
     return d["shape"], d["colour"]
 
 
-__all__ = ["judge", "describe", "SHAPES", "COLOURS", "NONE", "UNKNOWN"]
+__all__ = ["COLOURS", "NONE", "SHAPES", "UNKNOWN", "describe", "judge"]

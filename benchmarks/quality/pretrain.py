@@ -15,9 +15,9 @@ Steps, all through ComfyUI's own classes and loaders:
 
 1. Render ``n_images`` base-world images (``world.base_dataset``) and a held-out set.
 2. Autoencoder: ComfyUI's ``comfy.taesd.taesd.TAESD`` (what ``comfy.sd.VAE`` builds for
-   ``taesd_encoder.*``/``taesd_decoder.*`` keys), trained from scratch on random crops (it is fully
-   convolutional) for reconstruction, with a penalty that keeps each latent channel near zero mean
-   and unit variance. The checkpoint's ``vae_scale``/``vae_shift`` are then set from the latents'
+   ``taesd_encoder.*``/``taesd_decoder.*`` keys), trained from scratch on whole 64x64 images for
+   reconstruction (object pixels weighted up), with a penalty that keeps each latent channel near
+   zero mean and unit variance. The checkpoint's ``vae_scale``/``vae_shift`` are then set from the latents'
    statistics so that ``VAE.encode`` returns latents in the SD1.5 *raw* scale and
    ``process_latent_in`` (x 0.18215) gives the model ~unit-variance latents, the same contract as
    the real TAESD (``nodes.VAELoader`` sets ``vae_scale`` 0.18215 for it).
@@ -31,7 +31,8 @@ Steps, all through ComfyUI's own classes and loaders:
    them (``x_t = x0 + sigma * eps``, ``model_sampling.calculate_input``, ``model_sampling.timestep``),
    min-SNR-5 weighting, AdamW with warm-up and cosine decay, gradient clipping, EMA, 10% caption
    dropout (empty prompt) so classifier-free guidance works. Attention is PyTorch SDPA for the run
-   (``optimized_attention_override``), whatever ComfyUI picked at start-up.
+   (``optimized_attention_override``), whatever ComfyUI picked at start-up. Forward passes of both
+   networks run under bf16 autocast (fp32 weights, optimizer and EMA): ~1.5-2x faster on CPU.
 5. Save: the EMA UNet, the trained TAESD and the unchanged random CLIP-L, in the single-file SD1.5
    layout (fp16, like ``tiny_model``), with the run's figures in the safetensors metadata.
 
@@ -61,8 +62,8 @@ for _extra in (REPO / "tests", REPO / "scripts"):
     if str(_extra) not in sys.path:
         sys.path.append(str(_extra))
 
-import judge as world_judge  # noqa: E402
-import world  # noqa: E402
+import judge as world_judge
+import world
 
 # Bump when anything that changes the trained weights changes (recipe, world, defaults).
 VERSION = "v1"
@@ -198,8 +199,8 @@ def _init_taesd(seed: int):
     """ComfyUI's TAESD with PyTorch's default conv initialisation (ComfyUI's ops skip it), and the
     last conv of every residual block at zero, so each block starts as ReLU(x) and the deep
     norm-free network trains quickly."""
-    import torch
     import comfy.taesd.taesd
+    import torch
 
     torch.manual_seed(seed)
     ae = comfy.taesd.taesd.TAESD(latent_channels=4)
@@ -415,8 +416,8 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
     started = time.perf_counter()
     deadline = started + max_minutes * 60.0 - 45.0  # leave time to save
     _prepare_comfy()
-    import torch
     import comfy.sd
+    import torch
     from tiny_model import tiny_sd15_state_dict
 
     timings = {}
@@ -493,8 +494,8 @@ def vae_round_trip_psnr(vae, images) -> float:
 def checkpoint_vae_psnr(checkpoint, n: int = 96, seed: int = 10_000) -> float:
     """VAE round-trip PSNR of a saved checkpoint, loaded as CheckpointLoaderSimple loads it."""
     _prepare_comfy()
-    import torch
     import comfy.sd
+    import torch
 
     vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_clip=False, output_model=False)[2]
     with torch.inference_mode():
@@ -617,7 +618,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Pretrain (or reuse) the quality benchmark's world checkpoint; report base accuracy.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: {cache_root()}")
     parser.add_argument("--max-minutes", type=float, default=30.0, help="time budget for the build")

@@ -19,8 +19,9 @@ first k items of a dataset do not depend on its length.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -180,6 +181,19 @@ def pixels(items: Iterable) -> np.ndarray:
 
 
 __all__ = [
-    "SHAPES", "COLOURS", "BASE_SHAPES", "BASE_COLOURS", "CONCEPT", "IDENTIFIER", "RGB", "Item",
-    "base_combos", "caption", "render", "base_dataset", "concept_images", "write_folder", "pixels",
+    "BASE_COLOURS",
+    "BASE_SHAPES",
+    "COLOURS",
+    "CONCEPT",
+    "IDENTIFIER",
+    "RGB",
+    "SHAPES",
+    "Item",
+    "base_combos",
+    "base_dataset",
+    "caption",
+    "concept_images",
+    "pixels",
+    "render",
+    "write_folder",
 ]
