@@ -23,6 +23,14 @@ def folder_mod(comfy_runtime):
     return comfy_runtime.pack_import("trainers.data.folder")
 
 
+def _training_pixels(comfy_runtime, path, size):
+    """What the dataset builder feeds the VAE: open_rgb, then cover-resize and center crop."""
+    images = comfy_runtime.pack_import("trainers.data.images")
+    buckets = comfy_runtime.pack_import("trainers.data.buckets")
+    crop, _ = buckets.resize_and_crop(images.open_rgb(path)[0], size, crop="center")
+    return np.asarray(crop, dtype=np.float32) / 255.0
+
+
 def _png(path, width, height, color_type, bit_depth, rows):
     """Write a PNG by hand (filter 0 on every row): `rows` yields each row's raw bytes. Streams
     through zlib, so a huge, mostly uniform image costs almost no memory."""
@@ -132,7 +140,7 @@ def test_grayscale_and_bilevel(images, tmp_path, mode, value, expected):
     assert rgb.mode == "RGB" and alpha is None and (_pixels(rgb) == expected).all()
 
 
-def test_exif_orientation_6_rotates(images, folder_mod, tmp_path):
+def test_exif_orientation_6_rotates(images, folder_mod, comfy_runtime, tmp_path):
     stored = Image.new("RGB", (60, 40), (0, 0, 255))
     stored.paste((255, 0, 0), (0, 0, 20, 40))  # left third red in the stored pixels
     exif = Image.Exif()
@@ -147,7 +155,7 @@ def test_exif_orientation_6_rotates(images, folder_mod, tmp_path):
     assert images.inspect_image(tmp_path / "rot.jpg").size == (40, 60)
     (entry,) = folder_mod.scan_folder(tmp_path)
     assert entry.size == (40, 60) and not entry.has_alpha
-    tensor = folder_mod.load_image(tmp_path / "rot.jpg", (32, 48))
+    tensor = _training_pixels(comfy_runtime, tmp_path / "rot.jpg", (32, 48))
     assert tensor.shape == (48, 32, 3) and tensor[:8, :, 0].mean() > 0.9
 
 
@@ -390,7 +398,7 @@ def test_scan_records_size_alpha_and_ignores_hidden_files(folder_mod, tmp_path):
     assert entry.size == (20, 10) and entry.has_alpha and not result.skipped
 
 
-def test_load_image_composites_alpha_on_white(folder_mod, tmp_path):
+def test_training_pixels_composite_alpha_on_white(comfy_runtime, tmp_path):
     Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    pixels = folder_mod.load_image(tmp_path / "clear.png", (16, 16))
+    pixels = _training_pixels(comfy_runtime, tmp_path / "clear.png", (16, 16))
     assert pixels.shape == (16, 16, 3) and float(pixels.min()) == 1.0

@@ -27,6 +27,9 @@ class CaptionConditioner:
         self._memo: dict[str, dict] = {}
         self.encode_calls = 0
 
+    def _on_device(self, model_conds: dict) -> dict:
+        return {k: c._copy_with(c.cond.to(self.device)) for k, c in model_conds.items()}
+
     def _encode(self, caption: str) -> list:
         if self.clip is None:
             raise ValueError("captions change during training (caption shuffle/dropout) but no CLIP is connected: "
@@ -53,8 +56,7 @@ class CaptionConditioner:
             conditioning = sample.conditioning
         else:
             conditioning = self._encode(caption)
-        conds = {k: c._copy_with(c.cond.to(self.device))
-                 for k, c in encode_sample_conds(self.patcher, conditioning, latent, self.device).items()}
+        conds = self._on_device(encode_sample_conds(self.patcher, conditioning, latent, self.device))
         self._memo[caption] = conds
         return conds
 
@@ -62,9 +64,8 @@ class CaptionConditioner:
         """Batched model conds (c_crossattn, y, ...) for the captions of one batch."""
         if self.trains_text_encoder:
             self.encode_calls += len(captions)
-            per_sample = [encode_sample_conds(self.patcher, c, latent, self.device)
+            per_sample = [self._on_device(encode_sample_conds(self.patcher, c, latent, self.device))
                           for c in encode_captions(self.clip, captions)]
-            per_sample = [{k: c._copy_with(c.cond.to(self.device)) for k, c in s.items()} for s in per_sample]
         else:
             per_sample = [self._sample_conds(c, s, latent) for c, s in zip(captions, samples)]
         return batch_model_conds(per_sample)

@@ -53,10 +53,6 @@ def _micro_step_generator(seed: int, micro_step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919 + 17) % (2**63))
 
 
-def _to_device(model_conds: dict, device) -> dict:
-    return {k: c._copy_with(c.cond.to(device)) for k, c in model_conds.items()}
-
-
 def train(job: TrainJob, method: TrainingMethod, model, clip, data: TrainingData, *, checkpoint_dir: Path,
           resume_from: str | Path | None = None, reporter: Reporter | None = None, text_cache=None,
           clip_fp: str | None = None) -> TrainResult:

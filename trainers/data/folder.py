@@ -22,11 +22,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from .images import UnreadableImage, inspect_image, load_mask, open_rgb
+from .images import UnreadableImage, inspect_image, load_mask
 
 log = logging.getLogger("comfyui-personalize")
 
@@ -255,17 +253,3 @@ def scan_dataset(folder: str | Path, *, trigger_word: str = "", instance_prompt:
 def scan_folder(folder: str | Path, *, trigger_word: str = "", instance_prompt: str = "") -> list[ImageEntry]:
     """List images with their caption and repeat count; raise ValueError naming what is wrong."""
     return scan_dataset(folder, trigger_word=trigger_word, instance_prompt=instance_prompt).entries
-
-
-def load_image(path: Path, resolution: tuple[int, int]) -> torch.Tensor:
-    """RGB image resized to cover `resolution` (w, h) and center-cropped: [H, W, 3] floats in 0..1.
-    Transparent pixels are composited on white; huge images are shrunk while decoding."""
-    img, _alpha = open_rgb(path, target=resolution)
-    width, height = resolution
-    scale = max(width / img.width, height / img.height)
-    new_size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    resized = img.resize(new_size, Image.Resampling.LANCZOS)
-    left = (resized.width - width) // 2
-    top = (resized.height - height) // 2
-    cropped = resized.crop((left, top, left + width, top + height))
-    return torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)
