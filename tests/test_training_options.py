@@ -89,3 +89,27 @@ def test_job_round_trips_through_json(pack):
     assert pack.job.TrainJob.from_dict(__import__("json").loads(job.to_json())) == job
     with pytest.raises(ValueError, match="unknown training settings"):
         pack.job.TrainJob.from_dict({"stepz": 3})
+
+
+def test_a_group_with_a_train_fraction_stops_after_it(pack):
+    job = pack.job.TrainJob(steps=10, learning_rate=1e-3, lr_scheduler="linear")
+    early, always = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    groups = [pack.methods.ParamGroup([always], name="lora"),
+              pack.methods.ParamGroup([early], name="embeddings", lr=5e-3, train_fraction=0.3)]
+    optimizer = pack.optim.build_optimizer(job, groups)
+    scheduler = pack.optim.build_scheduler(job, optimizer)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        for p in (early, always):
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx([1e-3, 5e-3])
+    assert [lr[1] > 0 for lr in lrs] == [True] * 3 + [False] * 7
+    assert all(lr[0] > 0 for lr in lrs)
+    frozen_at = early.detach().clone()
+    optimizer.step()
+    assert torch.equal(early.detach(), frozen_at), "a finished group must not move (not even by weight decay)"
+    with pytest.raises(ValueError, match="training fraction"):
+        pack.optim.build_optimizer(job, [pack.methods.ParamGroup([always], train_fraction=0.0)])

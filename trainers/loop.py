@@ -114,6 +114,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                "class_samples": len(data.class_samples), "buckets": len(data.buckets()),
                "trainable_params": sum(p.numel() for p in trainables), **method.describe()}
     log.info("training %s", summary)
+    reporter.bind(attached, conditioner)
     reporter.start(summary)
 
     def save(name: str, reason: str) -> Path:

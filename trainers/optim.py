@@ -14,9 +14,12 @@ def build_optimizer(job: TrainJob, groups: list[ParamGroup]) -> torch.optim.Opti
     """One optimizer over all groups, each with its role's learning rate."""
     param_groups = []
     for group in groups:
-        lr = job.text_encoder_lr if group.role == "text_encoder" else job.learning_rate
+        lr = group.lr if group.lr is not None else (job.text_encoder_lr if group.role == "text_encoder" else job.learning_rate)
+        if not 0.0 < group.train_fraction <= 1.0:
+            raise ValueError(f"the training fraction of {group.name or group.role!r} must be in (0, 1], got {group.train_fraction}.")
         if group.params and lr > 0:
-            param_groups.append({"params": group.params, "lr": lr, "name": group.name})
+            param_groups.append({"params": group.params, "lr": lr, "name": group.name,
+                                 "train_fraction": group.train_fraction})
     if not param_groups:
         raise ValueError("nothing to train: every trainable group has learning rate 0.")
     if job.optimizer == "adamw":
@@ -55,4 +58,10 @@ def lr_factor(job: TrainJob, step: int) -> float:
 
 
 def build_scheduler(job: TrainJob, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(job, step))
+    """The job's schedule for every group; a group with `train_fraction` < 1 stops (lr 0) after it."""
+    def group_factor(fraction: float):
+        last_step = math.ceil(fraction * job.steps)
+        return lambda step: lr_factor(job, step) if step < last_step else 0.0
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [group_factor(g.get("train_fraction", 1.0)) for g in optimizer.param_groups])

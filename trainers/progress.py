@@ -34,6 +34,9 @@ class Reporter:
     def interrupted(self) -> bool:
         return comfy.model_management.processing_interrupted()
 
+    def bind(self, attached, conditioner) -> None:
+        """Called once before the first step with the trained clones (e.g. to render previews); default: nothing."""
+
     def start(self, summary: dict[str, Any]) -> None:
         self.send("personalize.start", summary)
 

@@ -10,11 +10,18 @@ import torch
 
 @dataclass
 class ParamGroup:
-    """Trainable tensors that share a learning rate: `role` is "main" or "text_encoder"."""
+    """Trainable tensors that share a learning rate.
+
+    `role` ("main" or "text_encoder") picks the job's learning rate unless `lr` overrides it;
+    `train_fraction` < 1 trains the group only for that first fraction of the steps (e.g. pivotal
+    tuning's embeddings, DreamBooth's text encoder), its learning rate being 0 afterwards.
+    """
 
     params: list[torch.nn.Parameter]
     role: str = "main"
     name: str = ""
+    lr: float | None = None
+    train_fraction: float = 1.0
 
 
 @dataclass
