@@ -148,3 +148,22 @@ def test_graph_trains_from_mixed_aspect_folder_with_class_images(comfy_runtime, 
     assert len(steps) == 6 and all(torch.isfinite(torch.tensor(steps)))
     preview = comfy_runtime.image_paths(result, "6")
     assert preview and Image.open(preview[0]).size[0] >= 3 * 96
+
+
+def test_keep_pixels_gives_each_variant_its_cropped_image(pack, base, tmp_path):
+    """Methods that need the image itself (IP-Adapter references, ControlNet) get every variant's
+    pixels, flipped like its latent; without the option nothing extra is kept."""
+    _, clip, vae = base
+    folder = _mixed_folder(tmp_path / "data")
+    spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, bucket_step=16, flip=True, use_cache=False,
+                                  keep_pixels=True)
+    with torch.inference_mode():
+        data, _ = pack.build.build_training_data(spec, vae, clip)
+        plain, _ = pack.build.build_training_data(pack.build.DatasetSpec(**{**spec.__dict__, "keep_pixels": False}), vae, clip)
+    for sample in data.samples:
+        pixels = sample.extras["pixels"]
+        assert len(pixels) == len(sample.latents) == 2
+        h, w = sample.bucket[-2:]
+        assert pixels[0].shape == (h * 8, w * 8, 3) and 0.0 <= float(pixels[0].min()) <= float(pixels[0].max()) <= 1.0
+        torch.testing.assert_close(pixels[1], pixels[0].flip(1))
+    assert all(s.extras == {} for s in plain.samples)

@@ -142,7 +142,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                     # that a resumed run repeats exactly what an uninterrupted one does.
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(_micro_step_generator(job.seed, micro_step).initial_seed())
-                        loss = sum(stream.weight * _stream_loss(stream, micro_step, job, base_model, model_sampling,
+                        loss = sum(stream.weight * _stream_loss(stream, micro_step, job, method, base_model, model_sampling,
                                                                 denoiser, conditioner, autocast, device)
                                    for stream in streams) / job.grad_accumulation
                     loss.backward()
@@ -208,7 +208,8 @@ class _Stream:
                 for i in indices]
 
 
-def _stream_loss(stream: _Stream, micro_step, job, base_model, model_sampling, denoiser, conditioner, autocast, device):
+def _stream_loss(stream: _Stream, micro_step, job, method, base_model, model_sampling, denoiser, conditioner, autocast,
+                 device):
     """Loss of one batch of a stream: noise and timesteps from the model's sampling, prediction-space
     target, optional mask and min-SNR weights."""
     generator = _micro_step_generator(stream.seed, micro_step)
@@ -221,8 +222,9 @@ def _stream_loss(stream: _Stream, micro_step, job, base_model, model_sampling, d
     noised = objectives.add_noise(model_sampling, latents, generator, noise_offset=job.noise_offset,
                                   timestep_range=job.timestep_range)
     model_conds = conditioner.batch(stream.captions(indices, micro_step), samples, samples[0].latent)
+    extra = method.batch_extra(samples, picks, generator)
     with autocast:
-        denoised = denoiser(noised.noisy, noised.sigmas, model_conds)
+        denoised = denoiser(noised.noisy, noised.sigmas, model_conds, extra)
     model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), latents, noised.noisy, noised.sigmas)
     masks = None
     if any(s.masks is not None for s in samples):

@@ -50,6 +50,7 @@ class DatasetSpec:
     seed: int = 0
     use_cache: bool = True
     cache_root: Path | None = None
+    keep_pixels: bool = False  # keep each variant's cropped pixels ([H, W, 3], 0..1) in sample.extras["pixels"]
 
     def __post_init__(self):
         if self.resolution < 8:
@@ -134,7 +135,7 @@ def _prepare_entries(spec, entries, encoder, vae_fp):
             mask_image = load_mask(entry.mask_path, image.size) if entry.mask_path else alpha
         image_hash = caches.content_hash(entry.path)
         bucket, resized = _bucket_for(spec, image.size)
-        keys, masks = [], []
+        keys, masks, pixels = [], [], []
         for mode, rng_seed, flip in _variants(spec, image_hash):
             crop, offset = bucketing.resize_and_crop(image, bucket, crop=mode, rng=random.Random(rng_seed),
                                                      resized_size=resized)
@@ -143,13 +144,16 @@ def _prepare_entries(spec, entries, encoder, vae_fp):
             settings = {"bucket": list(bucket), "resized": list(resized), "offset": list(offset), "flip": flip,
                         "resize": _RESIZE_VERSION}
             key = encoder.cache.key(image_hash, vae_fp, settings) if encoder.cache else f"{image_hash}:{settings}"
-            encoder.request(key, _to_pixels(crop))
+            variant_pixels = _to_pixels(crop)
+            encoder.request(key, variant_pixels)
             keys.append(key)
+            if spec.keep_pixels:
+                pixels.append(variant_pixels)
             if mask_image is not None:
                 mask = bucketing.resize_mask_like(mask_image, image.size, bucket, offset, resized_size=resized)
                 mask = ImageOps.mirror(mask) if flip else mask
                 masks.append(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0))
-        prepared.append((entry, keys, masks or None))
+        prepared.append((entry, keys, masks or None, {"pixels": pixels} if spec.keep_pixels else {}))
     return prepared
 
 
@@ -174,13 +178,13 @@ def _encode_texts(clip, captions, text_cache, clip_fp, stats) -> dict[str, list]
 
 def _samples(prepared, encoder, conditionings) -> list[TrainSample]:
     samples = []
-    for entry, keys, masks in prepared:
+    for entry, keys, masks, extras in prepared:
         latents = [encoder.results[k] for k in keys]
         if masks is not None:  # loss weights at latent resolution
             size = tuple(latents[0].shape[-2:])
             masks = [F.interpolate(m[None, None], size=size, mode="area")[0, 0] for m in masks]
         sample = TrainSample(latents=latents, caption=entry.caption, source=str(entry.path),
-                             conditioning=conditionings.get(entry.caption), masks=masks)
+                             conditioning=conditionings.get(entry.caption), masks=masks, extras=extras)
         samples.extend([sample] * entry.repeats)
     return samples
 
@@ -205,7 +209,7 @@ def build_training_data(spec: DatasetSpec, vae, clip) -> tuple[TrainingData, Bui
     if clip is not None:
         text_cache = caches.TextEncodingCache(Path(root)) if spec.use_cache else None
         clip_fp = caches.clip_fingerprint(clip) if spec.use_cache else ""
-        captions = [e.caption for e, _, _ in prepared + prepared_class]
+        captions = [e.caption for e, *_ in prepared + prepared_class]
         conditionings = _encode_texts(clip, captions, text_cache, clip_fp, stats)
     data = TrainingData(
         samples=_samples(prepared, encoder, conditionings), resolution=(spec.resolution, spec.resolution),

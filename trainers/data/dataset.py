@@ -16,6 +16,7 @@ class TrainSample:
     source: str
     conditioning: list | None = None  # CONDITIONING of `caption` from the dataset's CLIP
     masks: list[torch.Tensor] | None = None  # per variant [h, w] loss weights at latent resolution
+    extras: dict = field(default_factory=dict)  # per-variant side data for methods, e.g. "pixels": [[H, W, 3]]
 
     @property
     def latent(self) -> torch.Tensor:

@@ -57,6 +57,12 @@ class TrainingMethod(ABC):
     def finish(self) -> None:
         """After the last step: switch trained modules to inference behaviour (default: nothing)."""
 
+    def batch_extra(self, samples: list, picks: list[int], generator: torch.Generator) -> dict | None:
+        """Per-batch additions to the denoiser's cond entry (e.g. {"control": ...}), or per-batch state for
+        the method's own patches (e.g. image embeddings of `sample.extras`); `picks[i]` is the variant of
+        `samples[i]` in this batch. Default: nothing."""
+        return None
+
     @abstractmethod
     def export(self) -> Any:
         """The trained artifact in memory (e.g. a kohya LoRA state dict)."""
