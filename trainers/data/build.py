@@ -216,7 +216,7 @@ def build_training_data(spec: DatasetSpec, vae, clip) -> tuple[TrainingData, Bui
         clip_key=clip_identity(clip) if clip is not None else None,
         settings={"folder": spec.folder, "resolution": spec.resolution, "flip": spec.flip, "crop": spec.crop,
                   "images": len(scan.entries), "class_images": len(class_entries)},
-        class_samples=_samples(prepared_class, encoder, conditionings), caption_options=spec.captions)
+        class_samples=_samples(prepared_class, encoder, conditionings), caption_options=spec.captions, spec=spec)
     stats.seconds = time.perf_counter() - started
     log.info("dataset: %s", stats)
     return data, stats

@@ -37,6 +37,7 @@ class TrainingData:
     settings: dict = field(default_factory=dict)
     class_samples: list[TrainSample] = field(default_factory=list)  # prior preservation stream
     caption_options: object | None = None  # trainers.data.captions.CaptionOptions
+    spec: object | None = None  # the DatasetSpec it was built from (rebuild with other options, e.g. keep_pixels)
 
     def __len__(self) -> int:
         return len(self.samples)
