@@ -18,7 +18,7 @@ import torch
 import comfy.model_management
 
 from . import checkpoint as ckpt
-from . import objectives
+from . import distributed, objectives
 from .conditioning import CaptionConditioner
 from .data.dataset import BatchSampler, TrainingData
 from .job import TrainJob
@@ -98,6 +98,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
         scheduler.load_state_dict(state["scheduler"])
         global_step, loss_history = int(state["global_step"]), list(state["loss_history"])
         log.info("resumed from %s at step %d", resume_from, global_step)
+    distributed.broadcast_parameters(trainables)  # data parallel: every rank starts from rank 0's weights
 
     # 3. Data streams (instance images, and class images for prior preservation) and conditioning.
     model_sampling = patcher.get_model_object("model_sampling")
@@ -118,10 +119,12 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     reporter.start(summary)
 
     def save(name: str, reason: str) -> Path:
-        path = ckpt.save_state(checkpoint_dir / name, job=job.to_dict(), method_state=method.trainable_state_dict(),
-                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                               global_step=global_step, loss_history=loss_history,
-                               extra={"method": method.describe()})
+        path = checkpoint_dir / name
+        if distributed.is_writer():  # data parallel: rank 0 alone writes
+            ckpt.save_state(path, job=job.to_dict(), method_state=method.trainable_state_dict(),
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            global_step=global_step, loss_history=loss_history,
+                            extra={"method": method.describe()})
         reporter.checkpoint(path, global_step, reason)
         return path
 
@@ -147,6 +150,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                                    for stream in streams) / job.grad_accumulation
                     loss.backward()
                     step_loss += loss.item()
+                step_loss = distributed.sync_gradients(trainables, step_loss)  # sum over ranks, before clipping
                 if not torch.isfinite(torch.tensor(step_loss)):
                     raise FloatingPointError(f"loss became {step_loss} at step {global_step + 1}: lower the learning rate "
                                              "or use precision fp32.")
@@ -160,7 +164,8 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                 reporter.step(global_step, step_loss, lr)
                 if job.checkpoint_every and global_step % job.checkpoint_every == 0 and global_step < job.steps:
                     save(f"step_{global_step:07d}.pt", "periodic")
-                    ckpt.prune(checkpoint_dir, job.keep_checkpoints)
+                    if distributed.is_writer():
+                        ckpt.prune(checkpoint_dir, job.keep_checkpoints)
     except (_Cancelled, comfy.model_management.InterruptProcessingException):
         optimizer.zero_grad(set_to_none=True)  # a partial accumulation is dropped; the step redoes it
         path = save(f"interrupted_step_{global_step:07d}.pt", "cancel")
@@ -221,6 +226,12 @@ def _stream_loss(stream: _Stream, micro_step, job, method, base_model, model_sam
     latents = base_model.process_latent_in(latents)
     noised = objectives.add_noise(model_sampling, latents, generator, noise_offset=job.noise_offset,
                                   timestep_range=job.timestep_range)
+    # Data parallel: the randomness above covers the whole global batch; this rank keeps its slice.
+    global_count, part = len(indices), distributed.shard(len(indices))
+    indices, samples, picks, latents = indices[part], samples[part], picks[part], latents[part]
+    noised = distributed.take(noised, part)
+    if not samples:
+        return distributed.empty_loss(device)
     model_conds = conditioner.batch(stream.captions(indices, micro_step), samples, samples[0].latent)
     extra = method.batch_extra(samples, picks, generator)
     with autocast:
@@ -233,7 +244,7 @@ def _stream_loss(stream: _Stream, micro_step, job, method, base_model, model_sam
     losses = objectives.per_sample_loss(model_pred, target, job.loss_type, job.huber_delta, masks)
     if job.min_snr_gamma > 0:
         losses = losses * objectives.min_snr_weights(model_sampling, noised.sigmas, job.min_snr_gamma).to(losses)
-    return losses.mean()
+    return distributed.shard_loss(losses, global_count)
 
 
 _MUST_MATCH = ("method", "batch_size", "grad_accumulation", "seed", "optimizer")
