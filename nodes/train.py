@@ -22,6 +22,7 @@ from ._events import websocket_sender
 from .dataset import Dataset
 
 NO_LORA = "[none]"
+TrainingControl = io.Custom("PERSONALIZE_TRAINING_CONTROL")  # made by Personalize Training Control (nodes/controlnet.py)
 
 
 def _lora_help(name: str) -> str:
@@ -108,11 +109,19 @@ def training_inputs() -> list:
         io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000, tooltip=h["checkpoint_every"]),
         io.String.Input("run_name", default="lora", tooltip=h["run_name"]),
         io.String.Input("resume", default="", tooltip="Continue a cancelled or finished run: a checkpoint path as reported on cancel, 'latest', or empty for a new run."),
+        TrainingControl.Input("control", optional=True, tooltip="Train under a ControlNet (from Personalize Training Control): every batch runs with it applied, the result works without it."),
     ]
 
 
-def run_training(node_id, job: TrainJob, method, model, clip, dataset, resume: str, train_text_encoder: bool = False):
-    """Resolve the resume point and run folder, train, and return the loop's result."""
+def run_training(node_id, job: TrainJob, method, model, clip, dataset, resume: str, train_text_encoder: bool = False,
+                 control=None):
+    """Resolve the resume point and run folder, train, and return the loop's result.
+
+    `control` (the optional `control` input): a frozen ControlNet applied to every batch; `method` itself is
+    trained and exported as usual."""
+    control = control if control is not None else getattr(job, "control", None)
+    if control is not None:
+        method = control.wrap(method, dataset)
     resume_path = resolve_resume(resume)
     folder = run_folder(job.run_name, resume_path)
     text_cache, clip_fp = _caption_variant_cache(dataset, clip, train_text_encoder)
@@ -121,10 +130,14 @@ def run_training(node_id, job: TrainJob, method, model, clip, dataset, resume: s
 
 
 def job_from_inputs(method: str, method_options: dict, **inputs) -> TrainJob:
-    """A TrainJob from a training node's common inputs (`resume` is not part of the job)."""
+    """A TrainJob from a training node's common inputs (`resume` is not part of the job; the optional `control`
+    rides along as an attribute, outside the saved settings, so that every node's run_training applies it)."""
     inputs.pop("resume", None)
+    control = inputs.pop("control", None)
     inputs["run_name"] = safe_stem(inputs["run_name"], input_name="run_name")
-    return TrainJob(method=method, method_options=method_options, **inputs)
+    job = TrainJob(method=method, method_options=method_options, **inputs)
+    job.control = control
+    return job
 
 
 class PersonalizeTrainLoRA(io.ComfyNode):
