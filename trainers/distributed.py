@@ -186,3 +186,38 @@ def collective_device() -> torch.device:
     if _context.backend == "nccl":
         return torch.device("cuda", _context.local_rank)
     return torch.device("cpu")
+
+
+# -- exported jobs: what a node writes and `scripts/train_job.py` runs under torchrun -----------------
+
+JOB_FORMAT = "comfyui-personalize.job/1"
+
+
+def job_document(*, checkpoint: str, dataset_spec, train: dict, artifact: dict, checkpoints_root: str,
+                 comfyui_path: str, initial_weights: str | None = None) -> dict:
+    """The JSON of an exported job: model file, dataset spec, TrainJob (global batch), where outputs go."""
+    spec = dataclasses.asdict(dataset_spec)
+    spec["cache_root"] = str(spec["cache_root"]) if spec.get("cache_root") else None
+    return {"format": JOB_FORMAT, "checkpoint": str(checkpoint), "dataset": spec, "train": dict(train),
+            "artifact": dict(artifact), "checkpoints_root": str(checkpoints_root), "comfyui_path": str(comfyui_path),
+            "initial_weights": initial_weights}
+
+
+def read_job_document(path) -> dict:
+    """Load an exported job, or raise ValueError saying what is wrong with it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"job file {str(path)!r} does not exist: export one with Personalize Export Training Job.")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"job file {path.name} is not valid JSON ({exc}).") from exc
+    if not isinstance(document, dict) or document.get("format") != JOB_FORMAT:
+        raise ValueError(f"{path.name} is not a ComfyUI-Personalize job file (format {JOB_FORMAT}).")
+    missing = [k for k in ("checkpoint", "dataset", "train", "artifact", "checkpoints_root") if k not in document]
+    if missing:
+        raise ValueError(f"job file {path.name} lacks {missing}: export it again.")
+    return document

@@ -1,0 +1,134 @@
+"""Data-parallel training: an exported job run by `scripts/train_job.py` under torchrun (gloo, CPU).
+
+Two processes with a global batch of 4 (2 each) must train the same LoRA as one process with the
+batch of 4, and a checkpoint of the 2-process run must resume in one process to the same weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import REPO_ROOT, make_sample_dataset
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+TRAIN = {"method": "lora", "method_options": {"rank": 4, "alpha": 4.0, "targets": "attention"}, "steps": STEPS,
+         "batch_size": 4, "learning_rate": 1e-3, "precision": "fp32", "min_snr_gamma": 0.0, "seed": 3,
+         "checkpoint_every": 2, "keep_checkpoints": 2, "run_name": "ddp"}
+
+
+@pytest.fixture(scope="module")
+def distributed(comfy_runtime):
+    return comfy_runtime.pack_import("trainers.distributed")
+
+
+@pytest.fixture(scope="module")
+def job_file(tmp_path_factory, tiny_checkpoint_path, distributed, comfy_runtime):
+    root = tmp_path_factory.mktemp("ddp")
+    make_sample_dataset(root / "data", n=6, size=64, seed=0, subject="sks")
+    build = comfy_runtime.pack_import("trainers.data.build")
+    spec = build.DatasetSpec(folder=str(root / "data"), resolution=64, bucket_step=32, cache_root=root / "cache")
+    document = distributed.job_document(
+        checkpoint=str(tiny_checkpoint_path), dataset_spec=spec, train=TRAIN,
+        artifact={"folder": str(root / "loras"), "name": "ddp", "save_dtype": "fp32"},
+        checkpoints_root=str(root / "checkpoints"), comfyui_path=os.environ["COMFYUI_PATH"])
+    path = root / "job.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def run_job(job: Path, processes: int, *extra: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`torchrun --standalone --nproc-per-node N scripts/train_job.py JOB --events` (CPU, gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+           str(REPO_ROOT / "scripts" / "train_job.py"), str(job), "--events", "--device", "cpu", *extra]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    events = [json.loads(line.split("PERSONALIZE_EVENT ", 1)[1]) for line in done.stdout.splitlines()
+              if "PERSONALIZE_EVENT " in line]
+    return done, events
+
+
+def _artifact(events) -> dict:
+    found = [e["data"] for e in events if e["type"] == "personalize.artifact"]
+    assert len(found) == 1, events
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def runs(job_file):
+    """(2 processes, 1 process, 1 process resumed from the 2-process step-2 checkpoint)."""
+    results = {}
+    for name, processes in (("two", 2), ("one", 1)):
+        done, events = run_job(job_file, processes)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        results[name] = events
+    checkpoint = Path(_artifact(results["two"])["checkpoint"]).parent / "step_0000002.pt"
+    done, events = run_job(job_file, 1, "--resume", str(checkpoint))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    results["resumed"] = events
+    return results
+
+
+def test_shards_cover_each_batch_once(distributed):
+    for count in range(0, 9):
+        for world in (1, 2, 3, 4):
+            parts = [list(range(count))[distributed.shard(count, distributed.DistContext(r, world))] for r in range(world)]
+            assert sum(parts, []) == list(range(count))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_two_processes_train_what_one_does_with_the_doubled_batch(runs):
+    two, one = load_file(_artifact(runs["two"])["path"]), load_file(_artifact(runs["one"])["path"])
+    assert two.keys() == one.keys() and len(two) > 0
+    ups = [k for k in two if k.endswith("lora_up.weight")]
+    assert all(two[k].abs().max() > 0 for k in ups), "the LoRA did not train"
+    # AdamW divides by sqrt(v): float noise in near-zero gradients moves a weight by a small fraction
+    # of one learning-rate step, hence the absolute tolerance of 5% of the learning rate.
+    for key in two:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=0.05 * TRAIN["learning_rate"], msg=key)
+    losses = {name: [e["data"]["loss"] for e in runs[name] if e["type"] == "personalize.step"] for name in ("two", "one")}
+    assert len(losses["two"]) == STEPS, "only rank 0 reports"
+    torch.testing.assert_close(torch.tensor(losses["two"]), torch.tensor(losses["one"]), rtol=1e-4, atol=1e-7)
+
+
+def test_rank_zero_alone_writes(runs):
+    artifact = Path(_artifact(runs["two"])["path"])
+    assert artifact.name == "ddp.safetensors"
+    folder = Path(_artifact(runs["two"])["checkpoint"]).parent
+    assert sorted(p.name for p in folder.iterdir()) == ["final.pt", "step_0000002.pt"]
+    assert not list(artifact.parent.glob("*.partial")) and not list(folder.glob("*.partial"))
+    assert _artifact(runs["two"])["world_size"] == 2
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs):
+    steps = [e["data"]["step"] for e in runs["resumed"] if e["type"] == "personalize.step"]
+    assert steps == [3, 4]
+    resumed, two = load_file(_artifact(runs["resumed"])["path"]), load_file(_artifact(runs["two"])["path"])
+    assert Path(_artifact(runs["resumed"])["path"]).name == "ddp_00002.safetensors"  # never overwrites
+    for key in two:
+        torch.testing.assert_close(resumed[key], two[key], rtol=1e-3, atol=0.05 * TRAIN["learning_rate"], msg=key)
+
+
+def test_stock_loader_applies_the_ddp_lora(runs, base):
+    import comfy.sd
+    model, clip, _ = base
+    lora = load_file(_artifact(runs["two"])["path"])
+    patched, _ = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 0.0)
+    names = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
+    assert len(patched.patches) == len(names) > 0
+
+
+def test_a_bad_job_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "job.json"
+    bad.write_text(json.dumps({"format": "something else"}))
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_job.py"), str(bad)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "not a ComfyUI-Personalize job file" in done.stderr
