@@ -11,5 +11,7 @@ class PersonalizeExtension(ComfyExtension):
         from .train import NODES as train_nodes
         from .hypernetwork import NODES as hypernetwork_nodes
         from .lora_io import NODES as lora_io_nodes
+        from .merge import NODES as merge_nodes
+        from .lora_tools import NODES as lora_tools_nodes
 
-        return [*dataset_nodes, *train_nodes, *lora_io_nodes, *hypernetwork_nodes]
+        return [*dataset_nodes, *train_nodes, *lora_io_nodes, *merge_nodes, *lora_tools_nodes, *hypernetwork_nodes]
