@@ -16,6 +16,8 @@ LossType = Literal["mse", "huber"]
 Scheduler = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"]
 Precision = Literal["fp32", "bf16", "fp16"]
+WeightDtype = Literal["fp32", "bf16"]
+Rounding = Literal["stochastic", "kahan", "nearest"]
 
 
 def _help(text: str, **kw) -> dict:
@@ -46,6 +48,12 @@ class TrainJob:
     timestep_range: tuple[float, float] = field(default=(0.0, 1.0), **_help("Fraction of the noise schedule to sample timesteps from (0 = least noise)."))
     precision: Precision = field(default="fp32", **_help("Autocast dtype for the forward pass; trainable weights stay fp32."))
     gradient_checkpointing: bool = field(default=False, **_help("Recompute activations in the backward pass: less memory, ~30% slower."))
+    weight_dtype: WeightDtype = field(default="fp32", **_help("Storage of the trainable weights: fp32 (master weights) or bf16 (full-bf16: half the weight and optimizer-state memory; see weight_rounding)."))
+    weight_rounding: Rounding = field(default="stochastic", **_help("How updates are written into bf16 weights: stochastic rounding (OneTrainer), kahan (compensation buffer, exact sums), or nearest (small updates get lost)."))
+    fused_backward: bool = field(default=False, **_help("Step each weight as soon as its gradient is ready and free the gradient (kohya's fused backward pass): no full set of gradients in memory. Needs grad_accumulation 1; clips each weight's gradient on its own."))
+    ema_decay: float = field(default=0.0, **_help("Keep an exponential moving average of the trained weights with this decay (e.g. 0.999); 0 turns it off."))
+    ema_warmup_steps: int = field(default=0, **_help("The EMA decay ramps linearly from 0 to ema_decay over this many steps (0 = full decay from the start)."))
+    ema_on_cpu: bool = field(default=False, **_help("Keep the EMA in CPU memory (saves accelerator memory, slower steps)."))
     seed: int = field(default=0, **_help("Seed of weight init, data order, noise and timesteps: same seed, same result."))
     checkpoint_every: int = field(default=0, **_help("Write a resumable checkpoint every N optimizer steps (0 = only on cancel/error and at the end)."))
     keep_checkpoints: int = field(default=2, **_help("How many periodic checkpoints of a run to keep."))
@@ -64,13 +72,23 @@ class TrainJob:
         lo, hi = self.timestep_range
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"`timestep_range` must satisfy 0 <= start < end <= 1, got {self.timestep_range}.")
-        for name, allowed in (("loss_type", LossType), ("lr_scheduler", Scheduler), ("optimizer", Optimizer), ("precision", Precision)):
+        for name, allowed in (("loss_type", LossType), ("lr_scheduler", Scheduler), ("optimizer", Optimizer), ("precision", Precision),
+                              ("weight_dtype", WeightDtype), ("weight_rounding", Rounding)):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"`{name}` must be one of {allowed.__args__}, got {getattr(self, name)!r}.")
         if self.prior_loss_weight < 0:
             raise ValueError(f"`prior_loss_weight` must be 0 or more, got {self.prior_loss_weight}.")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("`warmup_steps` and `checkpoint_every` must be >= 0 and `keep_checkpoints` >= 1.")
+        if self.fused_backward and self.grad_accumulation > 1:
+            raise ValueError("`fused_backward` steps each weight during backward, so it cannot accumulate gradients: "
+                             "set `grad_accumulation` to 1 or turn `fused_backward` off.")
+        if (self.fused_backward or self.weight_dtype != "fp32") and self.optimizer == "prodigy":
+            raise ValueError("`optimizer`=prodigy adapts one step size over all weights, which per-weight updates "
+                             "(`fused_backward`, `weight_dtype` bf16) cannot do: use adamw or adafactor.")
+        if not 0.0 <= self.ema_decay < 1.0 or self.ema_warmup_steps < 0:
+            raise ValueError(f"`ema_decay` must be in [0, 1) (e.g. 0.999) and `ema_warmup_steps` >= 0, got "
+                             f"{self.ema_decay} and {self.ema_warmup_steps}.")
         self.timestep_range = (float(lo), float(hi))
 
     @property

@@ -18,7 +18,7 @@ import torch
 import comfy.model_management
 
 from . import checkpoint as ckpt
-from . import distributed, objectives
+from . import distributed, ema as ema_mod, objectives, precision
 from .conditioning import CaptionConditioner
 from .data.dataset import BatchSampler, TrainingData
 from .job import TrainJob
@@ -41,6 +41,7 @@ class TrainResult:
     loss_history: list[float]
     final_checkpoint: Path | None
     summary: dict[str, Any] = field(default_factory=dict)
+    ema: ema_mod.EMA | None = None  # the EMA of the trained tensors, when job.ema_decay > 0
 
 
 class _Cancelled(Exception):
@@ -81,6 +82,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     patcher = attached.model
     device = patcher.load_device
     trainables = [p for g in attached.groups for p in g.params]
+    precision.cast_trainables(trainables, job.weight_dtype)
     for p in trainables:
         p.requires_grad_(True)
     to_load = [patcher] + ([attached.clip.patcher] if attached.trains_text_encoder else [])
@@ -89,11 +91,15 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     # 2. Optimizer, schedule, and resume.
     optimizer = build_optimizer(job, attached.groups)
     scheduler = build_scheduler(job, optimizer)
+    ema = ema_mod.from_job(job, trainables)
     global_step, loss_history = 0, []
     if resume_from:
         state = ckpt.load_state(resume_from)
         _check_resumable(job, state["job"], resume_from)
-        method.load_trainable_state_dict(state["method_state"])
+        method_state, ema_state = ema_mod.split_state(state["method_state"])
+        method.load_trainable_state_dict(method_state)
+        if ema is not None:
+            ema.load_state_dict(ema_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         global_step, loss_history = int(state["global_step"]), list(state["loss_history"])
@@ -121,7 +127,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     def save(name: str, reason: str) -> Path:
         path = checkpoint_dir / name
         if distributed.is_writer():  # data parallel: rank 0 alone writes
-            ckpt.save_state(path, job=job.to_dict(), method_state=method.trainable_state_dict(),
+            ckpt.save_state(path, job=job.to_dict(), method_state=ema_mod.join_state(method.trainable_state_dict(), ema),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             global_step=global_step, loss_history=loss_history,
                             extra={"method": method.describe()})
@@ -160,6 +166,8 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                 optimizer.step()
                 scheduler.step()
                 global_step += 1
+                if ema is not None:
+                    ema.update(global_step)
                 loss_history.append(step_loss)
                 reporter.step(global_step, step_loss, lr)
                 if job.checkpoint_every and global_step % job.checkpoint_every == 0 and global_step < job.steps:
@@ -178,6 +186,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
             log.error("training failed at step %d; resumable checkpoint: %s", global_step, path)
         raise
     finally:
+        precision.release(optimizer)
         for p in trainables:
             p.requires_grad_(False)
         release_training_model(to_load)
@@ -189,7 +198,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                     "checkpoint": str(final), "text_encode_calls": conditioner.encode_calls})
     reporter.end(summary)
     return TrainResult(method=method, attached=attached, global_step=global_step, loss_history=loss_history,
-                       final_checkpoint=final, summary=summary)
+                       final_checkpoint=final, summary=summary, ema=ema)
 
 
 class _Stream:
@@ -247,13 +256,13 @@ def _stream_loss(stream: _Stream, micro_step, job, method, base_model, model_sam
     return distributed.shard_loss(losses, global_count)
 
 
-_MUST_MATCH = ("method", "batch_size", "grad_accumulation", "seed", "optimizer")
+_MUST_MATCH = ("method", "batch_size", "grad_accumulation", "seed", "optimizer", "weight_dtype", "fused_backward")
 
 
 def _check_resumable(job: TrainJob, saved: dict, path) -> None:
     """A checkpoint resumes only a run of the same shape; say which setting differs."""
     for name in _MUST_MATCH:
-        if saved.get(name) != getattr(job, name):
+        if saved.get(name, TrainJob.__dataclass_fields__[name].default) != getattr(job, name):
             raise ValueError(f"cannot resume from {Path(path).name}: it was trained with `{name}`={saved.get(name)!r}, "
                              f"this run has {getattr(job, name)!r}. Use the same settings or start a new run.")
     saved_opts = {k: v for k, v in saved.get("method_options", {}).items() if k != "initial_weights"}

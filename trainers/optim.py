@@ -8,6 +8,7 @@ import torch
 
 from .job import TrainJob
 from .methods import ParamGroup
+from .precision import ParamwiseOptimizer
 
 
 def build_optimizer(job: TrainJob, groups: list[ParamGroup]) -> torch.optim.Optimizer:
@@ -22,6 +23,15 @@ def build_optimizer(job: TrainJob, groups: list[ParamGroup]) -> torch.optim.Opti
                                  "train_fraction": group.train_fraction})
     if not param_groups:
         raise ValueError("nothing to train: every trainable group has learning rate 0.")
+    low_precision = any(p.dtype != torch.float32 for g in param_groups for p in g["params"])
+    if job.fused_backward or low_precision:
+        # Per-weight optimizers: fused backward steps and bf16 rounding (trainers/precision.py).
+        return ParamwiseOptimizer(lambda groups: _optimizer(job, groups), param_groups, rounding=job.weight_rounding,
+                                  fused=job.fused_backward, max_grad_norm=job.max_grad_norm, seed=job.seed)
+    return _optimizer(job, param_groups)
+
+
+def _optimizer(job: TrainJob, param_groups: list[dict]) -> torch.optim.Optimizer:
     if job.optimizer == "adamw":
         fused = all(p.dtype == torch.float32 for g in param_groups for p in g["params"])
         return torch.optim.AdamW(param_groups, weight_decay=job.weight_decay, fused=fused or None)
