@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -20,6 +21,7 @@ from ..trainers.progress import Reporter
 from ._api import io
 from ._events import websocket_sender
 from .dataset import Dataset
+from .previews import PreviewReporter, Previews
 
 NO_LORA = "[none]"
 TrainingControl = io.Custom("PERSONALIZE_TRAINING_CONTROL")  # made by Personalize Training Control (nodes/controlnet.py)
@@ -110,23 +112,34 @@ def training_inputs() -> list:
         io.String.Input("run_name", default="lora", tooltip=h["run_name"]),
         io.String.Input("resume", default="", tooltip="Continue a cancelled or finished run: a checkpoint path as reported on cancel, 'latest', or empty for a new run."),
         TrainingControl.Input("control", optional=True, tooltip="Train under a ControlNet (from Personalize Training Control): every batch runs with it applied, the result works without it."),
+        Previews.Input("previews", optional=True, tooltip="Validation images every N steps in the node's live view (from Personalize Training Previews)."),
     ]
 
 
 def run_training(node_id, job: TrainJob, method, model, clip, dataset, resume: str, train_text_encoder: bool = False,
-                 control=None):
+                 control=None, previews=None):
     """Resolve the resume point and run folder, train, and return the loop's result.
 
     `control` (the optional `control` input): a frozen ControlNet applied to every batch; `method` itself is
     trained and exported as usual."""
     control = control if control is not None else getattr(job, "control", None)
+    previews = previews if previews is not None else getattr(job, "previews", None)
     if control is not None:
         method = control.wrap(method, dataset)
-    resume_path = resolve_resume(resume)
-    folder = run_folder(job.run_name, resume_path)
-    text_cache, clip_fp = _caption_variant_cache(dataset, clip, train_text_encoder)
-    return loop.train(job, method, model, clip, dataset, checkpoint_dir=folder, resume_from=resume_path,
-                      reporter=Reporter(job.steps, websocket_sender(node_id)), text_cache=text_cache, clip_fp=clip_fp)
+    send = websocket_sender(node_id)
+    reporter = (PreviewReporter(job.steps, send, previews, job.run_name) if previews is not None and previews.every_n_steps
+                else Reporter(job.steps, send))
+    try:
+        resume_path = resolve_resume(resume)
+        folder = run_folder(job.run_name, resume_path)
+        text_cache, clip_fp = _caption_variant_cache(dataset, clip, train_text_encoder)
+        return loop.train(job, method, model, clip, dataset, checkpoint_dir=folder, resume_from=resume_path,
+                          reporter=reporter, text_cache=text_cache, clip_fp=clip_fp)
+    except comfy.model_management.InterruptProcessingException:
+        raise  # a cancel: the loop already reported the resumable checkpoint
+    except Exception as exc:
+        send("personalize.error", {"message": str(exc)})  # shown on the node by the live view
+        raise
 
 
 def job_from_inputs(method: str, method_options: dict, **inputs) -> TrainJob:
@@ -134,9 +147,11 @@ def job_from_inputs(method: str, method_options: dict, **inputs) -> TrainJob:
     rides along as an attribute, outside the saved settings, so that every node's run_training applies it)."""
     inputs.pop("resume", None)
     control = inputs.pop("control", None)
+    previews = inputs.pop("previews", None)
     inputs["run_name"] = safe_stem(inputs["run_name"], input_name="run_name")
     job = TrainJob(method=method, method_options=method_options, **inputs)
     job.control = control
+    job.previews = previews  # the optional `previews` input, like `control` outside the saved settings
     return job
 
 

@@ -21,7 +21,8 @@ class Reporter:
     """ComfyUI's progress bar (which is also a cancellation point) plus optional event sink.
 
     `send(event, payload)` is given by the node layer (the websocket) and is optional, so the
-    engine runs headless too.
+    engine runs headless too. Time spent outside training (previews, see `exclude`) does not count
+    in it/s; the ETA adds the expected time of the side work still to come (`side_work_left`).
     """
 
     def __init__(self, total_steps: int, send: Callable[[str, dict], None] | None = None):
@@ -30,6 +31,7 @@ class Reporter:
         self.bar = comfy.utils.ProgressBar(total_steps)
         self.started = time.perf_counter()
         self.first_step = None
+        self.excluded_s = 0.0
 
     def interrupted(self) -> bool:
         return comfy.model_management.processing_interrupted()
@@ -40,14 +42,27 @@ class Reporter:
     def start(self, summary: dict[str, Any]) -> None:
         self.send("personalize.start", summary)
 
-    def step(self, step: int, loss: float, lr: float) -> None:
+    def exclude(self, seconds: float) -> None:
+        """Time spent on side work (previews) since the last step: not training time."""
+        self.excluded_s += seconds
+
+    def side_work_left(self, step: int) -> float:
+        """Expected seconds of side work after `step` (subclasses that render previews say how much)."""
+        return 0.0
+
+    def timing(self, step: int) -> tuple[float, float | None]:
+        """(training steps per second, seconds left) after `step`; the first step (warm-up) is not timed."""
         now = time.perf_counter()
         if self.first_step is None:
-            self.first_step = (step - 1, now)
+            self.first_step = (step - 1, now, self.excluded_s)
         done_since = step - self.first_step[0]
-        elapsed = now - self.first_step[1]
+        elapsed = now - self.first_step[1] - (self.excluded_s - self.first_step[2])
         rate = done_since / elapsed if elapsed > 0 and done_since > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else None
+        eta = (self.total - step) / rate + self.side_work_left(step) if rate > 0 else None
+        return rate, eta
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        rate, eta = self.timing(step)
         self.bar.update_absolute(step, self.total)
         self.send("personalize.step", {"step": step, "total": self.total, "loss": loss, "lr": lr,
                                         "it_per_s": rate, "eta_s": eta})
