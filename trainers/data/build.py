@@ -51,6 +51,7 @@ class DatasetSpec:
     use_cache: bool = True
     cache_root: Path | None = None
     keep_pixels: bool = False  # keep each variant's cropped pixels ([H, W, 3], 0..1) in sample.extras["pixels"]
+    condition: object | None = None  # pairs.ConditionSpec: each variant's condition image in sample.extras["condition"]
 
     def __post_init__(self):
         if self.resolution < 8:
@@ -125,11 +126,15 @@ class _Encoder:
         self.pending.clear()
 
 
-def _prepare_entries(spec, entries, encoder, vae_fp):
-    """Queue every variant of every entry for encoding; return per-entry (keys, masks)."""
+def _prepare_entries(spec, entries, encoder, vae_fp, conditions=None):
+    """Queue every variant of every entry for encoding; return per-entry (keys, masks, extras).
+
+    `conditions` (pairs.ConditionSource): each variant's condition image, resized, cropped and flipped like it."""
     prepared = []
     for entry in entries:
         image, alpha = open_rgb(entry.path)
+        condition_image = conditions.image_for(entry, image) if conditions is not None else None
+        condition_pixels = []
         mask_image = None
         if spec.masked_loss:
             mask_image = load_mask(entry.mask_path, image.size) if entry.mask_path else alpha
@@ -149,11 +154,18 @@ def _prepare_entries(spec, entries, encoder, vae_fp):
             keys.append(key)
             if spec.keep_pixels:
                 pixels.append(variant_pixels)
+            if condition_image is not None:
+                condition_crop, _ = bucketing.resize_and_crop(condition_image, bucket, crop=mode, rng=random.Random(rng_seed),
+                                                              resized_size=resized)
+                condition_pixels.append(_to_pixels(ImageOps.mirror(condition_crop) if flip else condition_crop))
             if mask_image is not None:
                 mask = bucketing.resize_mask_like(mask_image, image.size, bucket, offset, resized_size=resized)
                 mask = ImageOps.mirror(mask) if flip else mask
                 masks.append(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0))
-        prepared.append((entry, keys, masks or None, {"pixels": pixels} if spec.keep_pixels else {}))
+        extras = {"pixels": pixels} if spec.keep_pixels else {}
+        if condition_image is not None:
+            extras["condition"] = condition_pixels
+        prepared.append((entry, keys, masks or None, extras))
     return prepared
 
 
@@ -202,7 +214,11 @@ def build_training_data(spec: DatasetSpec, vae, clip) -> tuple[TrainingData, Bui
     vae_fp = caches.vae_fingerprint(vae) if spec.use_cache else ""
     latent_cache = caches.LatentCache(Path(root)) if spec.use_cache else None
     encoder = _Encoder(vae, latent_cache, vae_fp, stats)
-    prepared = _prepare_entries(spec, scan.entries, encoder, vae_fp)
+    conditions = None
+    if spec.condition is not None:
+        from .pairs import ConditionSource
+        conditions = ConditionSource(spec.condition, spec.folder, scan.entries)
+    prepared = _prepare_entries(spec, scan.entries, encoder, vae_fp, conditions)
     prepared_class = _prepare_entries(spec, class_entries, encoder, vae_fp)
     encoder.flush()
     conditionings = {}
