@@ -78,6 +78,29 @@ def _install(patcher, copies: dict[str, torch.Tensor]) -> None:
         patcher.add_object_patch(key, tensor)
 
 
+def check_dataset_fits(model, data) -> None:
+    """A clear error when the dataset was encoded for another model family (e.g. SD1 VAE/CLIP, SDXL MODEL)."""
+    from ..formats.kohya_lora import base_model_family
+
+    family = base_model_family(model)
+    channels = model.model.latent_format.latent_channels
+    context = model.model.model_config.unet_config.get("context_dim")
+    sample = data.samples[0] if data.samples else None
+    if sample is None:
+        raise ValueError("the `dataset` is empty: add instance images to the dataset folder.")
+    if sample.latent.shape[0] != channels:
+        raise ValueError(f"the `dataset` was encoded by a VAE with {sample.latent.shape[0]} latent channels but this "
+                         f"{family} MODEL needs {channels}: build the dataset with this checkpoint's VAE.")
+    cond = sample.conditioning[0][0] if sample.conditioning else None
+    if context is not None and cond is not None and cond.shape[-1] != context:
+        raise ValueError(f"the `dataset` captions were encoded by a text encoder of width {cond.shape[-1]} but this {family} "
+                         f"MODEL expects {context}: build the dataset with this checkpoint's CLIP (an SD1 dataset "
+                         "cannot train an SDXL model).")
+    if family == "sdxl" and max(data.resolution) < 768:
+        raise ValueError(f"`resolution` {max(data.resolution)} is an SD1 setting: SDXL is trained at 1024 (at least 768); "
+                         "rebuild the dataset with resolution 1024.")
+
+
 def _float_params(module: torch.nn.Module, prefix: str = "") -> list[str]:
     return [prefix + name for name, p in module.named_parameters() if p.is_floating_point()]
 
