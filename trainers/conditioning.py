@@ -26,6 +26,8 @@ class CaptionConditioner:
         self.reuse_dataset_conds = clip is None or dataset_clip_key == clip_identity(clip)
         self._memo: dict[str, dict] = {}
         self.encode_calls = 0
+        # A method may rewrite each batch's captions on its CLIP clone (textual inversion: templates, trigger -> token).
+        self.caption_transform = getattr(clip, "personalize_caption_transform", None)
 
     def _on_device(self, model_conds: dict) -> dict:
         return {k: c._copy_with(c.cond.to(self.device)) for k, c in model_conds.items()}
@@ -62,6 +64,8 @@ class CaptionConditioner:
 
     def batch(self, captions: list[str], samples: list[TrainSample], latent) -> dict:
         """Batched model conds (c_crossattn, y, ...) for the captions of one batch."""
+        if self.caption_transform is not None:
+            captions = self.caption_transform(list(captions))
         if self.trains_text_encoder:
             self.encode_calls += len(captions)
             per_sample = [self._on_device(encode_sample_conds(self.patcher, c, latent, self.device))

@@ -30,6 +30,7 @@ def available_methods() -> list[str]:
 
 
 from . import controlnet, hypernetwork, lora  # noqa: E402,F401  (they register themselves)
+from . import pivotal, textual_inversion  # noqa: E402,F401
 from . import ip_adapter  # noqa: E402,F401
 from . import dreambooth  # noqa: E402,F401
 
