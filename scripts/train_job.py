@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     reporter = None
     try:
         job = TrainJob.from_dict(document["train"])
-        resume = Path(args.resume) if args.resume else None
+        resume = args.resume or document.get("resume")
+        resume = Path(resume) if resume else None
         with torch.inference_mode():  # as ComfyUI's executor loads models
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(document["checkpoint"], output_vae=True,
                                                                         output_clip=True)

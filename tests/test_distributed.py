@@ -30,19 +30,49 @@ def distributed(comfy_runtime):
     return comfy_runtime.pack_import("trainers.distributed")
 
 
+def _defaults(comfy_runtime, node_type: str) -> dict:
+    """Every widget input of a node at its default value (from its schema)."""
+    spec = comfy_runtime.nodes.NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    out = {}
+    for group in ("required", "optional"):
+        for name, item in spec.get(group, {}).items():
+            options = item[1] if len(item) > 1 else {}
+            if "default" in options:
+                out[name] = options["default"]
+            elif isinstance(item[0], list) and item[0]:
+                out[name] = item[0][0]
+    return out
+
+
 @pytest.fixture(scope="module")
-def job_file(tmp_path_factory, tiny_checkpoint_path, distributed, comfy_runtime):
+def launched(tmp_path_factory, comfy_runtime, tiny_checkpoint):
+    """Export the job with Personalize Export Training Job and run it on 2 CPU processes with Personalize
+    Launch Training, in one graph on the in-process runtime; return (job file, the run's events)."""
     root = tmp_path_factory.mktemp("ddp")
     make_sample_dataset(root / "data", n=6, size=64, seed=0, subject="sks")
-    build = comfy_runtime.pack_import("trainers.data.build")
-    spec = build.DatasetSpec(folder=str(root / "data"), resolution=64, bucket_step=32, cache_root=root / "cache")
-    document = distributed.job_document(
-        checkpoint=str(tiny_checkpoint_path), dataset_spec=spec, train=TRAIN,
-        artifact={"folder": str(root / "loras"), "name": "ddp", "save_dtype": "fp32"},
-        checkpoints_root=str(root / "checkpoints"), comfyui_path=os.environ["COMFYUI_PATH"])
-    path = root / "job.json"
-    path.write_text(json.dumps(document))
-    return path
+    options = TRAIN["method_options"]
+    export = {**_defaults(comfy_runtime, "PersonalizeExportTrainingJob"),
+              **{k: v for k, v in TRAIN.items() if k not in ("method_options", "batch_size")},
+              "ckpt_name": tiny_checkpoint, "dataset": ["2", 0], "method_options": json.dumps(options),
+              "batch_size": TRAIN["batch_size"] // 2, "processes": 2, "artifact_name": "ddp", "save_dtype": "fp32"}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
+        "2": {"class_type": "PersonalizeDatasetFromFolder", "inputs": {
+            **_defaults(comfy_runtime, "PersonalizeDatasetFromFolder"), "folder": str(root / "data"), "resolution": 64,
+            "bucket_step": 32, "vae": ["1", 2], "clip": ["1", 1]}},
+        "3": {"class_type": "PersonalizeExportTrainingJob", "inputs": export},
+        "4": {"class_type": "PersonalizeLaunchTraining", "inputs": {"job": ["3", 0], "processes": 2, "device": "cpu",
+                                                                    "resume": ""}},
+    }
+    result = comfy_runtime.run_prompt(prompt)
+    job = Path(result["outputs"]["3"]["text"][0].split("\n")[0].removeprefix("job: "))
+    events = [e for e in result["events"] if str(e["type"]).startswith("personalize.")]
+    return job, events
+
+
+@pytest.fixture(scope="module")
+def job_file(launched):
+    return launched[0]
 
 
 def run_job(job: Path, processes: int, *extra: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -63,13 +93,12 @@ def _artifact(events) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(job_file):
-    """(2 processes, 1 process, 1 process resumed from the 2-process step-2 checkpoint)."""
-    results = {}
-    for name, processes in (("two", 2), ("one", 1)):
-        done, events = run_job(job_file, processes)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-        results[name] = events
+def runs(launched, job_file):
+    """(2 processes launched by the node, 1 process, 1 process resumed from the 2-process step-2 checkpoint)."""
+    results = {"two": launched[1]}
+    done, events = run_job(job_file, 1)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    results["one"] = events
     checkpoint = Path(_artifact(results["two"])["checkpoint"]).parent / "step_0000002.pt"
     done, events = run_job(job_file, 1, "--resume", str(checkpoint))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -106,6 +135,14 @@ def test_rank_zero_alone_writes(runs):
     assert sorted(p.name for p in folder.iterdir()) == ["final.pt", "step_0000002.pt"]
     assert not list(artifact.parent.glob("*.partial")) and not list(folder.glob("*.partial"))
     assert _artifact(runs["two"])["world_size"] == 2
+
+
+def test_the_launch_node_relays_progress_to_the_ui(runs, job_file):
+    steps = [e["data"] for e in runs["two"] if e["type"] == "personalize.step"]
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1)) and all(s["node"] == "4" for s in steps)
+    document = json.loads(job_file.read_text())
+    assert document["train"]["batch_size"] == TRAIN["batch_size"]  # 2 per process x 2 processes
+    assert Path(document["checkpoint"]).is_file() and document["dataset"]["resolution"] == 64
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(runs):
