@@ -51,10 +51,11 @@ def read_lora_file(path: str | Path, *, input_name: str = "lora_name") -> LoraSt
     path = Path(path)
     with open(path, "rb") as fh:
         head = fh.read(9)
-    if not path.name.lower().endswith((".safetensors", ".sft")) or head.startswith(_PICKLE_MAGIC):
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not path.name.lower().endswith((".safetensors", ".sft")) or (not looks_safetensors and head.startswith(_PICKLE_MAGIC)):
         raise ValueError(f"`{input_name}`={path.name!r} is not a safetensors file (pickled .pt/.ckpt files can run "
                          "code when loaded, so they are refused, never unpickled). Convert it to .safetensors first.")
-    if len(head) < 9 or struct.unpack("<Q", head[:8])[0] > path.stat().st_size - 8 or head[8:9] != b"{":
+    if not looks_safetensors or struct.unpack("<Q", head[:8])[0] > path.stat().st_size - 8:
         raise ValueError(f"`{input_name}`={path.name!r} is corrupt: its safetensors header is missing or truncated. "
                          "Download or copy the file again.")
     try:
