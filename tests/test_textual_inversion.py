@@ -1,0 +1,320 @@
+"""Textual inversion: the saved file, read by stock ComfyUI for `embedding:name`, gives exactly the trained
+vectors; only the token vectors train; templates and resume are deterministic; bad inputs are named."""
+import pytest
+import torch
+
+TOKEN = "<sks-cross>"
+
+
+@pytest.fixture(scope="module")
+def ti(comfy_runtime):
+    return comfy_runtime.pack_import("trainers.methods.textual_inversion")
+
+
+@pytest.fixture(scope="module")
+def emb_format(comfy_runtime):
+    return comfy_runtime.pack_import("trainers.formats.embedding")
+
+
+@pytest.fixture(scope="module")
+def data(pack, base, tmp_path_factory):
+    from harness import make_sample_dataset
+    folder = tmp_path_factory.mktemp("ti-data")
+    make_sample_dataset(folder, n=4, size=64, seed=3, subject="sks")
+    _, clip, vae = base
+    with torch.inference_mode():
+        spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, buckets=False, use_cache=False)
+        return pack.build.build_training_data(spec, vae, clip)[0]
+
+
+def _train(pack, base, data, tmp_path, steps=4, resume=None, reporter=None, lr=5e-2, **options):
+    model, clip, _ = base
+    options = {"token": TOKEN, "vectors": 2, "init_word": "cross", "captions": "object", **options}
+    job = pack.job.TrainJob(method="textual_inversion", steps=steps, batch_size=2, learning_rate=lr, seed=1,
+                            method_options=options)
+    method = pack.methods.create_method("textual_inversion", options)
+    with torch.inference_mode():
+        result = pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path, resume_from=resume,
+                                 reporter=reporter)
+    return result, method
+
+
+def _encode(clip, text):
+    with torch.inference_mode():
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0]
+
+
+def _table(clip):
+    return clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+
+
+def test_stock_clip_text_encode_reads_the_saved_vectors(pack, base, data, tmp_path, comfy_runtime, ti, emb_format,
+                                                        tiny_checkpoint):
+    """SD1 end to end: stock CheckpointLoaderSimple's CLIP + CLIPTextEncode with embedding:name."""
+    model, clip, _ = base
+    before_model = {k: v.clone() for k, v in model.model.state_dict().items()}
+    before_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    plain_before = _encode(clip, f"a photo of {TOKEN}")
+    result, method = _train(pack, base, data, tmp_path, steps=3)
+    vectors = method.export()
+    assert set(vectors) == {"clip_l"} and vectors["clip_l"].shape == (2, 768)
+    init = ti.initial_vectors(_table(clip), ti.word_ids(clip.tokenizer.clip_l, "cross"), 2, torch.Generator())
+    assert not torch.equal(vectors["clip_l"], init), "the vectors did not train"
+
+    folder = comfy_runtime.folder("embeddings") / "tests"
+    emb_format.write_embedding(folder / "ti_e2e.safetensors", vectors, "safetensors", name="ti_e2e", step=3, metadata={})
+    from safetensors.torch import load_file
+    assert set(load_file(folder / "ti_e2e.safetensors")) == {"emb_params"}
+    nodes = comfy_runtime.nodes
+    with torch.inference_mode():
+        stock_clip = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[1]
+        stock_cond = nodes.CLIPTextEncode().encode(stock_clip, "a photo of embedding:tests/ti_e2e, cross")[0][0][0]
+        tokens = stock_clip.tokenize("a photo of embedding:tests/ti_e2e, cross")["l"][0]
+        embeds = stock_clip.cond_stage_model.clip_l.process_tokens([[t for t, _ in tokens]], "cpu")[0]
+    # <start> a photo of <v0> <v1> , cross: the vectors sit exactly at positions 4 and 5.
+    assert torch.equal(embeds[0, 4:6], vectors["clip_l"])
+    ours = _encode(method.trained_clip(clip), f"a photo of {TOKEN}, cross")
+    torch.testing.assert_close(ours, stock_cond, rtol=0, atol=1e-6)
+    # Only the new rows trained: every weight of the model and the text encoder is bit-identical.
+    assert all(torch.equal(before_model[k], v) for k, v in model.model.state_dict().items())
+    assert all(torch.equal(before_clip[k], v) for k, v in clip.cond_stage_model.state_dict().items())
+    # The input CLIP (a sibling branch) still reads the token as plain text.
+    assert torch.equal(_encode(clip, f"a photo of {TOKEN}"), plain_before)
+
+
+def _fixed_loss(model, clip, data, text):
+    """Denoising MSE on fixed noise at three noise levels: the same draw before and after training."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+    latents = torch.stack([s.latent for s in data.samples])
+    generator, total = torch.Generator().manual_seed(0), 0.0
+    with torch.inference_mode():
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        comfy.model_management.load_models_gpu([model])
+        conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(cond),
+                                                  latents, latents.device, "positive")
+        x0 = model.model.process_latent_in(latents)
+        for sigma in (0.5, 1.5, 4.0):
+            noisy = x0 + sigma * torch.randn(x0.shape, generator=generator)
+            sigmas = torch.full((len(x0),), sigma)
+            denoised = comfy.samplers.calc_cond_batch(model.model, [conds], noisy, sigmas, model.model_options)[0]
+            total += torch.nn.functional.mse_loss(denoised, x0).item()
+    return total
+
+
+def test_loss_falls(pack, base, data, tmp_path, ti):
+    model, clip, _ = base
+    result, method = _train(pack, base, data, tmp_path, steps=10, captions="captions", trigger="sks", lr=0.1)
+    init = ti.initial_vectors(_table(clip), ti.word_ids(clip.tokenizer.clip_l, "cross"), 2, torch.Generator())
+    prompt = data.samples[0].caption.replace("sks", TOKEN)
+    before = _fixed_loss(model, ti.with_words(clip, {TOKEN: {"clip_l": init}}), data, prompt)
+    after = _fixed_loss(model, method.trained_clip(clip), data, prompt)
+    assert after < 0.95 * before, (before, after)
+
+
+def test_resume_is_exact_with_templates(pack, base, data, tmp_path):
+    import comfy.model_management
+
+    class CancelAt2:
+        def __init__(self):
+            self.inner, self.done = pack.progress.Reporter(4), 0
+
+        def interrupted(self):
+            return self.done >= 2
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def step(self, step, loss, lr):
+            self.done = step
+            self.inner.step(step, loss, lr)
+
+    whole_result, whole = _train(pack, base, data, tmp_path / "whole")
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _train(pack, base, data, tmp_path / "split", reporter=CancelAt2())
+    saved = next((tmp_path / "split").glob("interrupted_step_*.pt"))
+    resumed_result, resumed = _train(pack, base, data, tmp_path / "split", resume=saved)
+    assert torch.equal(whole.export()["clip_l"], resumed.export()["clip_l"])
+    assert whole_result.loss_history == resumed_result.loss_history
+
+
+def test_captions_and_templates(ti):
+    captions = ti.TextualInversionMethod(token=TOKEN, captions="captions", trigger="sks")
+    assert captions.training_captions(["a photo of sks cross", "a red ball", ""]) == [
+        f"a photo of {TOKEN} cross", f"{TOKEN}, a red ball", ""]
+    style = ti.TextualInversionMethod(token=TOKEN, captions="style")
+    torch.manual_seed(0)
+    drawn = style.training_captions(["x"] * 8)
+    assert all(TOKEN in c and "style of" in c for c in drawn) and len(set(drawn)) > 1
+
+
+def test_init_word_of_several_tokens_is_spread_over_the_vectors(base, ti):
+    _, clip, _ = base
+    table = _table(clip)
+    ids = ti.word_ids(clip.tokenizer.clip_l, "red cross ball")
+    assert len(ids) == 3
+    rows = table[ids].float()
+    one = ti.initial_vectors(table, ids, 1, torch.Generator())
+    torch.testing.assert_close(one[0], rows.mean(0))  # fewer vectors: each the mean of its share
+    six = ti.initial_vectors(table, ids, 6, torch.Generator())
+    assert all(torch.equal(six[i], rows[i // 2]) for i in range(6))  # more vectors: tokens repeat in order
+    random = ti.initial_vectors(table, [], 2, torch.Generator().manual_seed(0))
+    assert random.shape == (2, 768) and 0.2 < random.std() / table.float().std() < 5
+
+
+def test_bad_inputs_name_the_input(pack, base, ti):
+    _, clip, _ = base
+    with pytest.raises(ValueError, match="`token`.*already exists in the CLIP vocabulary"):
+        pack.methods.create_method("textual_inversion", {"token": "cat"}).attach(base[0], clip, torch.Generator())
+    with pytest.raises(ValueError, match="`vectors`"):
+        pack.methods.create_method("textual_inversion", {"vectors": 0})
+    with pytest.raises(ValueError, match="`token`"):
+        pack.methods.create_method("textual_inversion", {"token": "two words"})
+    with pytest.raises(ValueError, match="`captions`"):
+        pack.methods.create_method("textual_inversion", {"captions": "poem"})
+    with pytest.raises(ValueError, match="`embedding_fraction`"):
+        pack.methods.create_method("pivotal", {"embedding_fraction": 0})
+
+
+def _small_sdxl_clip():
+    """SDXL's real CLIP classes (clip_l + clip_g, SDXLTokenizer) with 3 layers each and random weights."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    small = {"num_hidden_layers": 3}
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32, "clip_l_model_config": small,
+                                                "clip_g_model_config": small})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in clip.cond_stage_model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return clip
+
+
+def test_sdxl_layout_reads_back_through_comfyui_sdxl_tokenizer(comfy_runtime, base, ti, emb_format, tmp_path):
+    """SDXL: one vector set per encoder, saved as clip_l/clip_g, read by SDXLTokenizer's embedding path."""
+    import comfy.sdxl_clip
+    clip = _small_sdxl_clip()
+    method = ti.TextualInversionMethod(token=TOKEN, vectors=2, init_word="cross")
+    attached = method.attach(base[0], clip, torch.Generator())  # attach only clones the MODEL
+    assert {k: tuple(v.shape) for k, v in method.vectors.items()} == {"clip_l": (2, 768), "clip_g": (2, 1280)}
+    runtime = comfy_runtime.pack_import("trainers.model_runtime")
+    with runtime.trainable_text_encoder(attached.clip.cond_stage_model, True):
+        cond, extra = attached.clip.encode_from_tokens_scheduled(attached.clip.tokenize(f"a photo of {TOKEN}"))[0]
+        (cond.sum() + extra["pooled_output"].sum()).backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in method.vectors.values()), "no gradient reaches a vector"
+    with torch.no_grad():
+        for v in method.vectors.values():
+            v.add_(0.01)
+    vectors = method.export()
+    emb_format.write_embedding(tmp_path / "sdxl_ti.safetensors", vectors, "safetensors", name="sdxl_ti", step=1, metadata={})
+    from safetensors.torch import load_file
+    assert set(load_file(tmp_path / "sdxl_ti.safetensors")) == {"clip_l", "clip_g"}
+    stock = clip.clone()
+    stock.tokenizer = comfy.sdxl_clip.SDXLTokenizer(embedding_directory=str(tmp_path))
+    tokens = stock.tokenize("a photo of embedding:sdxl_ti cross")
+    for key, encoder in (("l", "clip_l"), ("g", "clip_g")):
+        spliced = [t for t, _ in tokens[key][0] if torch.is_tensor(t)]
+        assert len(spliced) == 2 and all(torch.equal(s, v) for s, v in zip(spliced, vectors[encoder]))
+    with torch.inference_mode():
+        ours = method.trained_clip(clip).encode_from_tokens_scheduled(method.trained_clip(clip).tokenize(f"a photo of {TOKEN} cross"))[0]
+        theirs = stock.encode_from_tokens_scheduled(tokens)[0]
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1]["pooled_output"], theirs[1]["pooled_output"], rtol=0, atol=1e-6)
+
+
+def test_pivotal_trains_the_token_for_its_fraction_only(pack, base, data, tmp_path):
+    model, clip, _ = base
+    options = {"lora": {"rank": 2, "alpha": 2.0, "targets": "attention"},
+               "embedding": {"token": TOKEN, "vectors": 2, "init_word": "cross", "trigger": "sks"},
+               "embedding_lr": 5e-2, "embedding_fraction": 0.5}
+    job = pack.job.TrainJob(method="pivotal", steps=4, batch_size=2, learning_rate=1e-3, seed=1, method_options=options,
+                            checkpoint_every=2)
+    method = pack.methods.create_method("pivotal", options)
+    with torch.inference_mode():
+        pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path)
+    halfway = pack.loop.ckpt.load_state(tmp_path / "step_0000002.pt")["method_state"]
+    final = method.trainable_state_dict()
+    assert torch.equal(halfway["embedding.clip_l"], final["embedding.clip_l"]), "the token trained past its fraction"
+    lora_keys = [k for k in final if k.startswith("lora.") and k.endswith("lora_up.weight")]
+    assert lora_keys and any(not torch.equal(halfway[k], final[k]) for k in lora_keys), "the LoRA stopped training"
+    exported = method.export()
+    assert set(exported) == {"lora", "embedding"} and exported["embedding"]["clip_l"].shape == (2, 768)
+
+
+def _dataset_node(folder):
+    return {"class_type": "PersonalizeDatasetFromFolder", "inputs": {
+        "folder": str(folder), "vae": ["1", 2], "clip": ["1", 1], "resolution": 64, "buckets": False, "bucket_step": 64,
+        "min_side": 0, "max_side": 0, "no_upscale": False, "crop": "center", "crop_variants": 1, "flip": False,
+        "trigger_word": "sks", "instance_prompt": "", "shuffle_tags": False, "keep_tokens": 0, "tag_dropout": 0.0,
+        "caption_dropout": 0.0, "masked_loss": False, "seed": 0, "use_cache": False}}
+
+
+_COMMON = {"batch_size": 2, "grad_accumulation": 1, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0,
+           "loss_type": "mse", "min_snr_gamma": 5.0, "noise_offset": 0.0, "max_grad_norm": 1.0, "precision": "fp32",
+           "gradient_checkpointing": False, "seed": 0, "checkpoint_every": 0, "resume": ""}
+_TOKEN_INPUTS = {"token": TOKEN, "vectors": 2, "init_word": "cross", "trigger_word": ""}
+
+
+def test_nodes_train_save_and_stock_clip_text_encode_in_a_graph(comfy_runtime, tiny_checkpoint, tmp_path):
+    from harness import make_sample_dataset, txt2img_graph
+    folder = tmp_path / "data"
+    make_sample_dataset(folder, n=2, size=64, seed=4, subject="sks")
+    graph = txt2img_graph(tiny_checkpoint, positive=f"a photo of {TOKEN} cross", steps=2, prefix="ti_trained")
+    graph.update({
+        "20": _dataset_node(folder),
+        "21": {"class_type": "PersonalizeTrainTextualInversion", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "dataset": ["20", 0], "steps": 2, "learning_rate": 5e-3,
+            "captions": "captions", "run_name": "ti_node", **_TOKEN_INPUTS, **_COMMON}},
+        "22": {"class_type": "PersonalizeSaveEmbedding", "inputs": {"embedding": ["21", 1], "name": "tests/ti_node",
+                                                                    "format": "safetensors"}},
+        "23": {"class_type": "PersonalizeSaveEmbedding", "inputs": {"embedding": ["21", 1], "name": "tests/ti_node_a1111",
+                                                                    "format": "a1111_pt"}},
+    })
+    graph["2"]["inputs"]["clip"] = ["21", 0]  # the returned CLIP knows the token
+    result = comfy_runtime.run_prompt(graph)
+    saved = result["outputs"]["22"]["text"][0]
+    assert "embedding:tests/ti_node" in saved
+    embeddings = comfy_runtime.folder("embeddings") / "tests"
+    a1111 = torch.load(next(embeddings.glob("ti_node_a1111*.pt")), weights_only=True)
+    assert a1111["string_to_param"]["*"].shape == (2, 768)
+    stock = txt2img_graph(tiny_checkpoint, positive="a photo of embedding:tests/ti_node cross", steps=2, prefix="ti_stock")
+    mark = comfy_runtime.log_mark()
+    comfy_runtime.run_prompt(stock)
+    assert "does not exist" not in comfy_runtime.log_since(mark)
+    with pytest.raises(Exception, match="`name`"):
+        graph["22"]["inputs"]["name"] = "../escape"
+        comfy_runtime.run_prompt(graph)
+
+
+def test_pivotal_nodes_save_matching_names_that_stock_nodes_load(comfy_runtime, tiny_checkpoint, tmp_path):
+    from harness import make_sample_dataset, txt2img_graph
+    folder = tmp_path / "data"
+    make_sample_dataset(folder, n=2, size=64, seed=5, subject="sks")
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
+        "20": _dataset_node(folder),
+        "21": {"class_type": "PersonalizeTrainPivotal", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "dataset": ["20", 0], "steps": 2, "learning_rate": 1e-3,
+            "embedding_lr": 5e-3, "embedding_fraction": 0.5, "rank": 2, "alpha": 2.0, "targets": "attention",
+            "train_text_encoder": False, "text_encoder_lr": 5e-5, "captions": "captions", "run_name": "pivotal_node",
+            **_TOKEN_INPUTS, **_COMMON}},
+        "22": {"class_type": "PersonalizeSavePivotal", "inputs": {"lora": ["21", 2], "embedding": ["21", 3],
+                                                                  "name": "tests/pivotal", "save_dtype": "fp16"}},
+    }
+    text = comfy_runtime.run_prompt(graph)["outputs"]["22"]["text"][0]
+    lora_file = next((comfy_runtime.folder("loras") / "tests").glob("pivotal*.safetensors"))
+    emb_file = comfy_runtime.folder("embeddings") / "tests" / lora_file.name
+    assert emb_file.is_file() and lora_file.stem in text
+    stock = txt2img_graph(tiny_checkpoint, positive=f"a photo of embedding:tests/{lora_file.stem} cross", steps=2,
+                          prefix="pivotal_stock")
+    stock["8"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
+                                                         "strength_clip": 1.0, "lora_name": f"tests/{lora_file.name}"}}
+    stock["5"]["inputs"]["model"] = ["8", 0]
+    stock["2"]["inputs"]["clip"] = ["8", 1]
+    mark = comfy_runtime.log_mark()
+    comfy_runtime.run_prompt(stock)
+    log = comfy_runtime.log_since(mark)
+    assert "does not exist" not in log and "lora key not loaded" not in log
