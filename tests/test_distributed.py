@@ -169,3 +169,29 @@ def test_a_bad_job_file_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_job.py"), str(bad)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "not a ComfyUI-Personalize job file" in done.stderr
+
+
+def test_a_stop_request_stops_every_rank_with_a_resumable_checkpoint(job_file, tmp_path):
+    stop = tmp_path / "stop"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO_ROOT / "scripts" / "train_job.py"), str(job_file), "--events", "--device", "cpu",
+           "--stop-file", str(stop)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    events = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("PERSONALIZE_EVENT "):
+                events.append(json.loads(line.split(" ", 1)[1]))
+                if events[-1]["type"] == "personalize.step":
+                    stop.touch()  # as Personalize Launch Training does on Cancel
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    saved = [e["data"] for e in events if e["type"] == "personalize.checkpoint"]
+    assert len(saved) == 1 and saved[0]["reason"] == "cancel" and 1 <= saved[0]["step"] < STEPS
+    assert Path(saved[0]["path"]).is_file()
+    assert any(e["type"] == "personalize.cancelled" for e in events)
+    assert not any(e["type"] == "personalize.artifact" for e in events)

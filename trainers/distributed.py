@@ -139,11 +139,14 @@ def sync_gradients(params: list[torch.Tensor], local_loss: float) -> float:
     """Sum gradients (and the step's loss) over ranks before clipping; returns the global step loss.
 
     Missing gradients (a rank with an empty shard, a parameter unused on this rank) count as zeros,
-    so every rank runs the same collectives and ends with identical gradients.
+    so every rank runs the same collectives and ends with identical gradients; a parameter that no
+    rank used keeps no gradient, as in one process (the optimizer then skips it).
     """
     if not _context.enabled:
         return local_loss
     device = params[0].device if params else torch.device("cpu")
+    used = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    dist.all_reduce(used, op=dist.ReduceOp.MAX)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -158,6 +161,9 @@ def sync_gradients(params: list[torch.Tensor], local_loss: float) -> float:
             for g in bucket:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
+    for p, was_used in zip(params, used.tolist()):
+        if not was_used:
+            p.grad = None
     loss = torch.tensor([local_loss], dtype=torch.float64, device=device)
     dist.all_reduce(loss, op=dist.ReduceOp.SUM)
     return float(loss.item())
