@@ -66,7 +66,7 @@ import judge as world_judge
 import world
 
 # Bump when anything that changes the trained weights changes (recipe, world, defaults).
-VERSION = "v1"
+VERSION = "v2"  # v2: the autoencoder also learns codec_dataset (every shape, random hues)
 LATENT_SCALE = 0.18215  # SD1.5's latent_format.scale_factor (process_latent_in multiplies by it)
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -81,6 +81,7 @@ class PretrainConfig:
 
     n_images: int = 4096  # distinct base-world training images (rendered once)
     n_eval_images: int = 96  # held-out images for the autoencoder PSNR
+    n_codec_images: int = 2048  # world.codec_dataset images (all shapes, random hues): autoencoder only
     # Autoencoder (TAESD layout)
     ae_steps: int = 700
     ae_batch: int = 8
@@ -417,6 +418,7 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
     deadline = started + max_minutes * 60.0 - 45.0  # leave time to save
     _prepare_comfy()
     import comfy.sd
+    import numpy as np
     import torch
     from tiny_model import tiny_sd15_state_dict
 
@@ -433,7 +435,9 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
 
     # 2. Autoencoder.
     t = time.perf_counter()
-    ae, ae_figures = train_autoencoder(images, config, seed, log=log)
+    codec = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in
+                                       world.codec_dataset(config.n_codec_images, seed=seed)])).permute(0, 3, 1, 2)
+    ae, ae_figures = train_autoencoder(torch.cat([images, codec.float().div_(255.0)]), config, seed, log=log)
     timings["autoencoder_s"] = time.perf_counter() - t
 
     # 3. Load the tiny checkpoint with this VAE through ComfyUI's loader; measure; encode.
@@ -444,12 +448,14 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
     model_patcher, clip, vae = comfy.sd.load_state_dict_guess_config(dict(sd))[:3]  # it pops keys
     with torch.inference_mode():
         ae_psnr = vae_round_trip_psnr(vae, eval_images)
+        concept_psnr = vae_round_trip_psnr(vae, _images_tensor(world.concept_images(16, seed=seed + 20_000)))
         raw = vae.encode(images.permute(0, 2, 3, 1))  # VAEEncode: [B, H, W, C] in [0, 1]
         latents = model_patcher.model.process_latent_in(raw).float()
         conds = _encode_texts(clip, captions + [""])
     latents, conds = latents.clone(), conds.clone()  # normal tensors for training
     timings["encode_s"] = time.perf_counter() - t
-    log(f"autoencoder through comfy.sd.VAE: {ae_psnr:.2f} dB PSNR on held-out images; model latents "
+    log(f"autoencoder through comfy.sd.VAE: {ae_psnr:.2f} dB PSNR on held-out images, {concept_psnr:.2f} dB on "
+        f"held-out concept images; model latents "
         f"mean {float(latents.mean()):.3f} std {float(latents.std()):.3f}; encoded in {timings['encode_s']:.1f}s")
 
     # 4. UNet.
@@ -470,6 +476,7 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
         "personalize.world.seed": str(seed),
         "personalize.world.config": json.dumps(dataclasses.asdict(config), sort_keys=True),
         "personalize.world.ae_psnr_db": f"{ae_psnr:.3f}",
+        "personalize.world.ae_concept_psnr_db": f"{concept_psnr:.3f}",
         "personalize.world.ae": json.dumps(ae_figures),
         "personalize.world.unet_steps_done": str(len(curve)),
         "personalize.world.unet_loss_curve": json.dumps([[s, round(v, 5)] for s, v in summary]),
@@ -644,7 +651,7 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     meta = checkpoint_metadata(path)
     print(f"checkpoint: {path} (ready in {build_s:.1f}s)")
-    for key in ("ae_psnr_db", "unet_steps_done", "unet_loss_curve", "truncated", "timings"):
+    for key in ("ae_psnr_db", "ae_concept_psnr_db", "unet_steps_done", "unet_loss_curve", "truncated", "timings"):
         print(f"  {key}: {meta.get('personalize.world.' + key)}")
     print(f"  VAE round trip of the saved file (comfy.sd.load_checkpoint_guess_config): "
           f"{checkpoint_vae_psnr(path):.2f} dB PSNR")
