@@ -192,3 +192,94 @@ def test_mismatches_get_clear_errors(ipa, base, clip_vision):
         "base", 1280, 2048, 4, tuple(s.attn.to_k.out_features for s in sites)))
     with pytest.raises(ValueError, match=r"`ipadapter` was made for SDXL .* but `model` is SD1.x"):
         ipa.apply.apply_ipadapter(model, sdxl_adapter, torch.zeros(1, 1280), torch.zeros(1, 1280))
+
+
+@pytest.fixture(scope="module")
+def pixel_data(pack, base, tmp_path_factory):
+    from harness import make_sample_dataset
+    folder = tmp_path_factory.mktemp("ipa-data")
+    make_sample_dataset(folder, n=4, size=64, seed=5, subject="sks")
+    _, clip, vae = base
+    with torch.inference_mode():
+        spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, buckets=False, use_cache=False, flip=True,
+                                      keep_pixels=True)
+        return pack.build.build_training_data(spec, vae, clip)[0]
+
+
+def _train(pack, ipa, base, data, clip_vision, tmp_path, steps=4, resume=None, variant="base", checkpoint_every=0,
+           **options):
+    model, clip, _ = base
+    options = {"variant": variant, "text_drop": 0.25, "image_drop": 0.25, "both_drop": 0.25, **options}
+    if variant == "plus":
+        options.setdefault("resampler_depth", 1)
+    with torch.inference_mode():
+        uncond = ipa.nodes.prepare_features(data, clip_vision, variant, True)
+    job = pack.job.TrainJob(method="ip_adapter", steps=steps, batch_size=2, learning_rate=1e-3, seed=3,
+                            method_options=options, checkpoint_every=checkpoint_every)
+    method = pack.methods.create_method("ip_adapter", {**options, "uncond_features": uncond})
+    with torch.inference_mode():
+        result = pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path, resume_from=resume)
+    return result, method
+
+
+def test_trained_adapter_saves_reloads_and_computes_the_same(pack, ipa, base, pixel_data, clip_vision, tmp_path):
+    model, clip, _ = base
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    reference = denoise(model, clip)
+    image = pixel_data.samples[0].extras["pixels"][0][None]
+
+    result, method = _train(pack, ipa, base, pixel_data, clip_vision, tmp_path / "run", steps=4)
+    assert len(result.loss_history) == 4 and all(torch.isfinite(torch.tensor(result.loss_history)))
+    state = method.export()
+    assert set(state) == set(ipa.adapter.IPAdapterModel(method.adapter.spec).state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items())  # base frozen
+
+    path = ipa.fmt.save_ipadapter(tmp_path, "trained", state, ipa.fmt.ipadapter_metadata(method.adapter.spec), dtype="fp32")
+    loaded = ipa.adapter.IPAdapterModel.from_state_dict(ipa.fmt.load_ipadapter_file(path)[0])
+    features = ipa.apply.image_features(clip_vision, image, loaded)
+    negative = ipa.apply.uncond_features(clip_vision, loaded)
+    from_file = denoise(ipa.apply.apply_ipadapter(model, loaded, features, negative), clip)
+    in_memory = denoise(ipa.apply.apply_ipadapter(model, method.adapter, features, negative), clip)
+    assert torch.equal(from_file, in_memory)
+    assert (from_file - reference).abs().max() > 1e-4
+
+
+def test_initial_adapter_changes_the_model_little(pack, ipa, base, pixel_data, clip_vision):
+    """K/V start as the text K/V and the projection's output gain is small: the first step barely moves."""
+    model, clip, _ = base
+    with torch.inference_mode():
+        uncond = ipa.nodes.prepare_features(pixel_data, clip_vision, "base", True)
+    method = pack.methods.create_method("ip_adapter", {"uncond_features": uncond})
+    with torch.inference_mode(False):
+        method.attach(model, clip, torch.Generator().manual_seed(0))
+    initial = ipa.adapter.IPAdapterModel.from_state_dict(method.export())
+    site = ipa.patch.cross_attention_sites(model.model.diffusion_model)[0]
+    assert torch.equal(initial.layers()[0].to_k_ip.weight, site.attn.to_k.weight.float())
+    features = ipa.apply.image_features(clip_vision, torch.rand(1, 64, 64, 3), initial)
+    reference = denoise(model, clip)
+    small = (denoise(ipa.apply.apply_ipadapter(model, initial, features, uncond), clip) - reference).abs().mean()
+    random = sd_adapter(ipa, model)
+    large = (denoise(ipa.apply.apply_ipadapter(model, random, features, uncond), clip) - reference).abs().mean()
+    assert small < 0.05 * large
+
+
+def test_resume_is_exact_and_drops_change_the_loss(pack, ipa, base, pixel_data, clip_vision, tmp_path):
+    full, full_method = _train(pack, ipa, base, pixel_data, clip_vision, tmp_path / "full", steps=4, checkpoint_every=2)
+    resumed, resumed_method = _train(pack, ipa, base, pixel_data, clip_vision, tmp_path / "resumed", steps=4,
+                                     resume=tmp_path / "full" / "step_0000002.pt")
+    assert resumed.loss_history == full.loss_history
+    a, b = full_method.export(), resumed_method.export()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    kept, _ = _train(pack, ipa, base, pixel_data, clip_vision, tmp_path / "k", steps=1, text_drop=0, image_drop=0, both_drop=0)
+    no_text, _ = _train(pack, ipa, base, pixel_data, clip_vision, tmp_path / "t", steps=1, text_drop=1, image_drop=0, both_drop=0)
+    no_image, _ = _train(pack, ipa, base, pixel_data, clip_vision, tmp_path / "i", steps=1, text_drop=0, image_drop=1, both_drop=0)
+    losses = {kept.loss_history[0], no_text.loss_history[0], no_image.loss_history[0]}
+    assert len(losses) == 3
+
+
+def test_plus_variant_trains(pack, ipa, base, pixel_data, clip_vision, tmp_path):
+    result, method = _train(pack, ipa, base, pixel_data, clip_vision, tmp_path, steps=2, variant="plus")
+    spec = ipa.adapter.spec_from_state_dict(method.export())
+    assert spec.variant == "plus" and spec.tokens == 16 and spec.embed_dim == 32 and spec.depth == 1
+    assert all(torch.isfinite(torch.tensor(result.loss_history)))

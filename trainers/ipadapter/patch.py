@@ -104,11 +104,12 @@ class IPAdapterAttention:
                                      transformer_options=extra_options)
         return out + ip_out * self.condition.weight
 
-    def to(self, device):
-        if self.layer.to_k_ip.weight.device != torch.device(device):
-            self.layer.to(device)
+    def to(self, device_or_dtype):
+        # ComfyUI also calls this with the model's dtype; weights keep theirs (trainable fp32), cast per call.
+        if not isinstance(device_or_dtype, torch.dtype) and self.layer.to_k_ip.weight.device != torch.device(device_or_dtype):
+            self.layer.to(device_or_dtype)
         if self.previous is not None and hasattr(self.previous, "to"):
-            self.previous.to(device)
+            self.previous.to(device_or_dtype)
         return self
 
 
