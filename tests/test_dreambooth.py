@@ -120,12 +120,6 @@ def test_prior_preservation_adds_the_weighted_class_loss(pack, base, data, tmp_p
     assert losses[2.0] - losses[0.0] == pytest.approx(2 * class_loss, rel=1e-3)
 
 
-def test_loss_falls(pack, base, data, tmp_path):
-    result, _ = _train(pack, base, data, tmp_path, steps=30, learning_rate=3e-4, prior_loss_weight=0.0)
-    history = torch.tensor(result.loss_history)
-    assert history[-8:].mean() < 0.8 * history[:8].mean(), history
-
-
 def test_resume_with_ema_is_exact(pack, base, data, tmp_path):
     """Cancel at step 2 of 4 and resume: weights and EMA equal the uninterrupted run's bit for bit."""
     ema = {"ema_decay": 0.9, "ema_warmup_steps": 2}
@@ -142,6 +136,9 @@ def test_resume_with_ema_is_exact(pack, base, data, tmp_path):
     assert not torch.equal(ema_a[key], a[key]), "the EMA equals the raw weights"
 
 
+FC1 = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+
+
 def test_text_encoder_trains_only_for_its_fraction_and_clip_is_untouched(pack, base, data, tmp_path):
     model, clip, _ = base
     seen = []
@@ -153,16 +150,16 @@ def test_text_encoder_trains_only_for_its_fraction_and_clip_is_untouched(pack, b
 
     method_ref = []
     options = {"train_text_encoder": True, "text_encoder_fraction": 0.5}
-    job = pack.job.TrainJob(method="dreambooth", steps=4, learning_rate=1e-4, text_encoder_lr=1e-3, seed=2,
+    job = pack.job.TrainJob(method="dreambooth", steps=2, learning_rate=1e-4, text_encoder_lr=1e-3, seed=2,
                             method_options=options, optimizer="sgd", prior_loss_weight=0.0)
     method = pack.methods.create_method("dreambooth", options)
     method_ref.append(method)
     with torch.inference_mode():
         before = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cross"))[0][0].clone()
-        pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path, reporter=Snapshot(4))
-    assert not torch.equal(seen[0]["clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"],
-                           seen[1]["clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"]), "the text encoder did not train"
-    assert all(torch.equal(seen[1][k], seen[3][k]) for k in seen[1]), "the text encoder trained past its fraction"
+        initial = clip.get_sd()[FC1].clone()
+        pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path, reporter=Snapshot(2))
+    assert not torch.equal(seen[0][FC1], initial.float()), "the text encoder did not train"
+    assert torch.equal(seen[0][FC1], seen[1][FC1]), "the text encoder trained past its fraction (1 of 2 steps)"
     _, trained_clip = method.trained_outputs()
     with torch.inference_mode():
         after = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cross"))[0][0]
@@ -175,8 +172,8 @@ def test_text_encoder_trains_only_for_its_fraction_and_clip_is_untouched(pack, b
     {"gradient_checkpointing": True, "precision": "bf16"},
     {"weight_dtype": "bf16", "weight_rounding": "stochastic", "precision": "bf16"},
     {"weight_dtype": "bf16", "weight_rounding": "kahan", "fused_backward": True, "optimizer": "adafactor"},
-    {"fused_backward": True, "ema_decay": 0.99, "ema_on_cpu": True, "precision": "fp16"},
-], ids=["checkpointing-bf16", "full-bf16-sr", "bf16-kahan-fused-adafactor", "fused-ema-cpu-fp16"])
+    {"fused_backward": True, "ema_decay": 0.99, "ema_on_cpu": True},
+], ids=["checkpointing-bf16", "full-bf16-sr", "bf16-kahan-fused-adafactor", "fused-ema-cpu"])
 def test_memory_options_train(pack, base, data, tmp_path, memory):
     """Each memory option trains: finite falling-or-moving loss, weights change in their storage dtype."""
     options = {"weight_dtype": memory.get("weight_dtype", "fp32")}
@@ -216,7 +213,7 @@ def test_sdxl_model_with_sd1_dataset_is_refused(pack, data, db):
     """An SDXL MODEL (tiny, built by ComfyUI's own SDXL config) with a dataset encoded for SD1."""
     import comfy.model_patcher
     import comfy.supported_models
-    unet = {"model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1], "context_dim": 2048,
+    unet = {"image_size": 32, "model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1], "context_dim": 2048,
             "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
             "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1, "num_head_channels": 16,
             "transformer_depth_output": [0, 0, 1, 1], "use_spatial_transformer": True, "legacy": False}
@@ -228,13 +225,15 @@ def test_sdxl_model_with_sd1_dataset_is_refused(pack, data, db):
 
 
 def test_memorizes_one_image(pack, base, db, tmp_path):
-    """After DreamBooth on one image, sampling the instance prompt lands much closer to that image's latent
+    """After DreamBooth on one image the loss has fallen and sampling the instance prompt lands much closer to that image's latent
     than the base model does (memorization is what this method does with one image)."""
     from harness import make_sample_dataset
     model, clip, _ = base
     make_sample_dataset(tmp_path / "one", n=1, size=64, seed=9, subject="sks")
     one = _build(pack, base, tmp_path / "one")
-    result, method = _train(pack, base, one, tmp_path / "ckpt", steps=60, learning_rate=5e-4, prior_loss_weight=0.0)
+    result, method = _train(pack, base, one, tmp_path / "ckpt", steps=25, learning_rate=1e-3, prior_loss_weight=0.0)
+    history = torch.tensor(result.loss_history)
+    assert history[-6:].mean() < 0.7 * history[:6].mean(), history  # the loss falls
     trained_model, trained_clip = method.trained_outputs()
     target = one.samples[0].latent[None].float()
 
