@@ -32,7 +32,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                     values.pop(0)
             elif is_widget:
                 inputs[name] = values.pop(0)
-                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                control = spec[1].get("control_after_generate") if len(spec) > 1 else None
+                if control or (control is None and kind == "INT" and name in ("seed", "noise_seed")):  # the frontend's legacy rule
                     values.pop(0)
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt

@@ -1,0 +1,158 @@
+"""The live training view in a real browser: headless Debian Chromium (Playwright) against the real
+`main.py --cpu` server. Loads the example workflow through the UI, queues it, watches the chart gain
+points and a preview appear, reloads the page (history comes back), and cancels (the run stops and the
+widget names the resumable checkpoint). Screenshots go to output/tests/web_ui/ (or $PERSONALIZE_TEST_OUTPUT)."""
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from workflows import LORA_API, LORA_UI
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SHOTS = Path(os.environ.get("PERSONALIZE_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "output" / "tests")) / "web_ui"
+LIVE = ".personalize-live"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("playwright is not installed (scripts/bootstrap.sh installs it)")
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{CHROMIUM} is missing: scripts/bootstrap.sh installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def _wait_app(page, timeout_ms=90_000):
+    page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && window.comfyAPI.app.app.extensionManager",
+                           timeout=timeout_ms)
+    page.wait_for_function("() => window.comfyAPI.app.app.extensions?.some(e => e.name === 'Personalize.LiveTraining')",
+                           timeout=timeout_ms)
+    page.wait_for_load_state("networkidle")  # the frontend's own start-up workflow load is done
+    page.keyboard.press("Escape")  # close a first-run dialog, if any
+
+
+def _load_example(page, values: dict) -> dict:
+    """Load the example workflow as a user would (app.loadGraphData), then set widget values by node id.
+    Returns the API prompt the frontend made of the workflow as loaded (`app.graphToPrompt`)."""
+    workflow = json.loads(LORA_UI.read_text())
+    return page.evaluate("""async ([workflow, values]) => {
+        const app = window.comfyAPI.app.app;
+        for (let attempt = 0; app.graph.getNodeById(3)?.type !== "PersonalizeTrainLoRA"; attempt++) {
+            if (attempt === 5) throw new Error("the example workflow did not stay loaded");
+            await app.loadGraphData(workflow);
+            await new Promise((resolve) => setTimeout(resolve, 500 * attempt));
+        }
+        const asLoaded = (await app.graphToPrompt()).output;
+        for (const [id, widgets] of Object.entries(values)) {
+            const node = app.graph.getNodeById(Number(id));
+            for (const [name, value] of Object.entries(widgets)) {
+                const widget = node.widgets.find((w) => w.name === name);
+                if (!widget) throw new Error(`node ${id} has no widget ${name}`);
+                widget.value = value;
+            }
+        }
+        app.canvas.ds.scale = 1;  // the training node's live view at full size, in the viewport
+        app.canvas.ds.offset = [-760, -20];
+        app.canvas.setDirty(true, true);
+        return asLoaded;
+    }""", [workflow, values])
+
+
+def _live(page) -> dict:
+    return page.evaluate(f"""() => {{
+        const el = document.querySelector('{LIVE}');
+        if (!el) return null;
+        const imgs = [...el.querySelectorAll('img.pl-preview')];
+        return {{...el.dataset, note: el.querySelector('.pl-note').textContent,
+                 status_text: el.querySelector('.pl-status').textContent,
+                 images: imgs.map((img) => ({{src: img.src, loaded: img.complete && img.naturalWidth > 0}}))}};
+    }}""")
+
+
+def _wait_live(page, predicate, timeout=120.0, what="the live view"):
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = _live(page)
+        if state and predicate(state):
+            return state
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} did not get there in {timeout:.0f} s; last state: {state}")
+
+
+def test_live_view_chart_previews_reload_and_cancel(browser, comfy_server, tiny_checkpoint, tmp_path):
+    from harness import make_sample_dataset
+    folder = tmp_path / "browser-data"
+    make_sample_dataset(folder, n=4, size=64, seed=5, subject="sks")
+    values = {
+        1: {"ckpt_name": tiny_checkpoint},
+        2: {"folder": str(folder), "resolution": 64, "bucket_step": 32},
+        3: {"steps": 400, "rank": 4, "alpha": 4.0, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 0,
+            "run_name": "browser"},
+        7: {"width": 64, "height": 64},
+        8: {"steps": 2, "cfg": 1.0},
+        11: {"every_n_steps": 3, "sample_steps": 2, "cfg": 1.0, "width": 64, "height": 64},
+    }
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(f"{error}\n{getattr(error, 'stack', '')}"))
+    page.goto(comfy_server.url)
+    _wait_app(page)
+    as_loaded = _load_example(page, values)
+    # The frontend reads every widget value of the example where the API twin has it (seed controls included).
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in as_loaded.items()} == json.loads(LORA_API.read_text())
+    assert _live(page)["status"] == "idle"
+    page.evaluate("() => window.comfyAPI.app.app.queuePrompt(0, 1)")
+
+    state = _wait_live(page, lambda s: int(s["points"]) >= 3, what="the loss chart")
+    assert "loss" in state["status_text"] and "/400" in state["status_text"]
+    page.locator(LIVE).screenshot(path=str(SHOTS / "1_chart.png"))
+    state = _wait_live(page, lambda s: s["images"] and all(i["loaded"] for i in s["images"]), what="a preview image")
+    assert "subfolder=personalize%2Fpreviews" in state["images"][0]["src"]
+    page.locator(LIVE).screenshot(path=str(SHOTS / "2_preview.png"))
+    prompt_id, points_before = state["promptId"], int(state["points"])
+
+    page.reload()
+    _wait_app(page)
+    if _live(page) is None:  # the frontend did not restore the open workflow: load it again
+        _load_example(page, values)
+    state = _wait_live(page, lambda s: s["promptId"] == prompt_id and int(s["points"]) >= points_before,
+                       what="the history after a reload")
+    state = _wait_live(page, lambda s: int(s["points"]) > points_before + 1 and s["images"], what="live steps after a reload")
+    page.screenshot(path=str(SHOTS / "3_after_reload.png"))
+
+    page.locator(f"{LIVE} button.pl-cancel").click()
+    state = _wait_live(page, lambda s: s["status"] == "cancelled", what="the cancel")
+    assert "Resumable checkpoint:" in state["note"], state
+    checkpoint = Path(state["note"].split("Resumable checkpoint:")[1].strip())
+    assert checkpoint.is_file() and checkpoint.name.startswith("interrupted_step_")
+    page.locator(LIVE).screenshot(path=str(SHOTS / "4_cancelled.png"))
+    stopped_at = int(state["step"])
+    assert stopped_at < 400
+    time.sleep(1.5)
+    assert not comfy_server.queue_state()["queue_running"]
+    (run,) = comfy_server.get("/personalize/runs", params={"prompt_id": prompt_id}).json()["runs"]
+    assert run["status"] == "cancelled" and run["points"][-1][0] == stopped_at  # no step after the cancel
+
+    page.locator(f"{LIVE} button.pl-resume").click()  # the checkpoint goes into `resume`
+    resume = page.evaluate("() => window.comfyAPI.app.app.graph.getNodeById(3).widgets.find(w => w.name === 'resume').value")
+    assert resume == str(checkpoint)
+    ours = [e for e in errors if "live_training" in e or "live_chart" in e]  # the frontend has a few of its own
+    assert not ours, ours
+    page.close()
