@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up shared by the README commands: finds (or clones) ComfyUI and makes the
-# virtual environment (torch 2.14.1 + ComfyUI's requirements + ours). Source it:
+# virtual environment (torch 2.14.1 + ComfyUI's requirements + ours) and Debian's chromium for the
+# browser test. Source it:
 #   . scripts/bootstrap.sh    -> exports COMFYUI_PATH and PERSONALIZE_PYTHON
 set -euo pipefail
 
@@ -49,4 +50,17 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" > "$stamp_file"
 fi
 export PERSONALIZE_PYTHON="$PERSONALIZE_VENV/bin/python"
+
+# 3. The browser of the UI test (tests/test_web_ui.py): Debian's chromium, which Playwright drives
+#    through executable_path (it never downloads a browser of its own).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's chromium for the browser test..." >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+      || die "could not install chromium (apt-get install chromium); the browser test needs /usr/bin/chromium."
+  else
+    echo "warning: /usr/bin/chromium is missing (apt-get install chromium as root); tests/test_web_ui.py will skip outside CI." >&2
+  fi
+fi
 export PERSONALIZE_ROOT PERSONALIZE_CACHE
