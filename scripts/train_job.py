@@ -112,7 +112,7 @@ def _dataset_spec(spec: dict):
     return DatasetSpec(**spec)
 
 
-def _save_artifact(document, method, job, model, data, steps: int) -> Path:
+def _save_artifact(document, method, job, model, data, steps: int, world_size: int) -> Path:
     """Write the trained artifact (rank 0): kohya LoRA safetensors, A1111 hypernetwork, or tensors."""
     import torch
 
@@ -126,11 +126,14 @@ def _save_artifact(document, method, job, model, data, steps: int) -> Path:
     target = folder / stem
     if job.method == "lora":
         tensors = method.export()
-        options = job.method_options
-        metadata = kohya_metadata(rank=options["rank"], alpha=options["alpha"], base_model=base_model_family(model),
-                                  resolution=data.resolution, steps=steps, job=job.to_dict(),
+        config = method.config
+        per_device = {**job.to_dict(), "batch_size": max(1, job.batch_size // world_size)}  # kohya's per-device batch
+        metadata = kohya_metadata(rank=config.rank, alpha=config.alpha, base_model=base_model_family(model),
+                                  resolution=data.resolution, steps=steps, job=per_device,
                                   dataset_tags=data.tag_frequency(), name=job.run_name,
-                                  train_text_encoder=bool(options.get("train_text_encoder")), state_dict=tensors)
+                                  train_text_encoder=config.train_text_encoder, state_dict=tensors,
+                                  extra={"personalize.world_size": str(world_size),
+                                         "personalize.global_batch_size": str(job.batch_size)})
         return save_new_safetensors(target.parent, target.name, tensors, metadata, artifact.get("save_dtype", "fp16"))
     if job.method == "hypernetwork":
         exported = method.export(name=job.run_name, step=steps)
@@ -196,7 +199,7 @@ def main(argv=None) -> int:
             reporter.send("personalize.cancelled", {"checkpoint_dir": str(folder)})
             return EXIT_CANCELLED
         if ctx.is_writer:
-            path = _save_artifact(document, method, job, model, data, result.global_step)
+            path = _save_artifact(document, method, job, model, data, result.global_step, ctx.world_size)
             reporter.send("personalize.artifact", {"path": str(path), "checkpoint": str(result.final_checkpoint),
                                                    "final_loss": result.summary.get("final_loss"),
                                                    "world_size": ctx.world_size})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from harness import REPO_ROOT, make_sample_dataset
@@ -135,6 +136,10 @@ def test_rank_zero_alone_writes(runs):
     assert sorted(p.name for p in folder.iterdir()) == ["final.pt", "step_0000002.pt"]
     assert not list(artifact.parent.glob("*.partial")) and not list(folder.glob("*.partial"))
     assert _artifact(runs["two"])["world_size"] == 2
+    with safe_open(str(artifact), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_batch_size_per_device"] == "2" and meta["personalize.global_batch_size"] == "4"
+    assert meta["personalize.world_size"] == "2" and meta["ss_network_dim"] == "4"
 
 
 def test_the_launch_node_relays_progress_to_the_ui(runs, job_file):

@@ -144,7 +144,7 @@ def sync_gradients(params: list[torch.Tensor], local_loss: float) -> float:
     """
     if not _context.enabled:
         return local_loss
-    device = params[0].device if params else torch.device("cpu")
+    device = collective_device()
     used = torch.tensor([float(p.grad is not None) for p in params], device=device)
     dist.all_reduce(used, op=dist.ReduceOp.MAX)
     for p in params:
