@@ -75,24 +75,29 @@ def training_graph(ckpt: str, folder: Path, steps: int, learning_rate: float, ba
 
 
 def sample(ckpt: str, controlnet: str | None, items, conditions, *, steps: int, cfg: float, seed: int):
-    """Stock nodes: each item's caption, with its condition through ControlNetApplyAdvanced when `controlnet`."""
+    """Stock nodes: each item's caption, with its condition through ControlNetApplyAdvanced when `controlnet`.
+    Items of one caption are sampled as one batch (one hint per latent)."""
     import torch
     from PIL import Image
     import nodes
+    by_caption: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        by_caption.setdefault(item.caption, []).append(index)
+    images = [None] * len(items)
     with torch.inference_mode():
         model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt)[:3]
         control = nodes.ControlNetLoader().load_controlnet(controlnet)[0] if controlnet else None
-        images = []
-        for index, (item, condition) in enumerate(zip(items, conditions)):
-            positive = nodes.CLIPTextEncode().encode(clip, item.caption)[0]
-            negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        negative_base = nodes.CLIPTextEncode().encode(clip, "")[0]
+        for group, (text, indices) in enumerate(by_caption.items()):
+            positive, negative = nodes.CLIPTextEncode().encode(clip, text)[0], negative_base
             if control is not None:
+                hints = torch.stack([conditions[i] for i in indices])
                 positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
-                    positive, negative, control, condition[None], 1.0, 0.0, 1.0)
-            latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
-            out = nodes.KSampler().sample(model, seed + index, steps, cfg, "euler", "normal", positive, negative, latent)[0]
-            pixels = nodes.VAEDecode().decode(vae, out)[0][0]
-            images.append(Image.fromarray((pixels.clamp(0, 1).numpy() * 255).round().astype(np.uint8)))
+                    positive, negative, control, hints, 1.0, 0.0, 1.0)
+            latent = nodes.EmptyLatentImage().generate(64, 64, len(indices))[0]
+            out = nodes.KSampler().sample(model, seed + group, steps, cfg, "euler", "normal", positive, negative, latent)[0]
+            for i, pixels in zip(indices, nodes.VAEDecode().decode(vae, out)[0]):
+                images[i] = Image.fromarray((pixels.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
     return images
 
 
