@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness import REPO_ROOT, make_sample_dataset
+from personalize_client import convert
 from personalize_client.convert import WorkflowError, apply_override, ui_to_api
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -25,12 +26,12 @@ def cli(*args, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def tiny_sets(ckpt: str, folder, steps: int, run_name: str) -> list[str]:
-    """--set flags that shrink the example LoRA workflow to the tiny test model."""
+def tiny_sets(ckpt: str, folder, steps: int, run_name: str, titles: bool = True) -> list[str]:
+    """--set flags that shrink the example LoRA workflow to the tiny test model (nodes by id, class and title)."""
     sets = {"1.ckpt_name": ckpt, "2.folder": str(folder), "2.resolution": 64, "2.bucket_step": 32,
             "PersonalizeTrainLoRA.steps": steps, "3.rank": 4, "3.alpha": 4.0, "3.batch_size": 2,
             "3.learning_rate": 1e-3, "3.run_name": run_name, "3.checkpoint_every": 0, "4.name": f"personalize/{run_name}",
-            "7.width": 64, "7.height": 64, "KSampler (trained LoRA).steps": 2, "8.cfg": 1.0,
+            "7.width": 64, "7.height": 64, ("KSampler (trained LoRA).steps" if titles else "KSampler.steps"): 2, "8.cfg": 1.0,
             "10.filename_prefix": f"personalize/{run_name}"}
     return [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
 
@@ -56,15 +57,24 @@ def test_example_workflows_convert_to_their_api_twins(object_info, ui_path):
     assert ui_to_api(json.loads(ui_path.read_text()), object_info) == json.loads(twin.read_text())
 
 
-def test_seed_control_values_as_the_frontend_saves_them(object_info):
-    """The frontend adds a control widget to every INT named seed (legacy rule); its value is skipped."""
+def test_seed_inputs_with_and_without_their_control_value(object_info):
+    """The frontend gives every INT named seed a control widget (legacy rule) unless its spec says
+    otherwise; workflows written with and without that value both convert (the count decides)."""
     ui = json.loads(LORA_UI.read_text())
+    toggled = 0
     for node in ui["nodes"]:
-        if node["type"] in ("PersonalizeDatasetFromFolder", "PersonalizeTrainLoRA"):
-            names = [n for n in object_info[node["type"]]["input_order"]["required"]
-                     + object_info[node["type"]]["input_order"].get("optional", [])
-                     if n not in {i["name"] for i in node["inputs"]}]
-            node["widgets_values"].insert(names.index("seed") + 1, "randomize")
+        specs = convert._input_specs(object_info.get(node["type"], {}))
+        names = [n for n, _ in specs]
+        if "seed" not in names or "control_after_generate" in convert._options(dict(specs)["seed"]):
+            continue
+        position = sum(convert._value_slots(n, sp, False) for n, sp in specs[:names.index("seed") + 1])
+        values = node["widgets_values"]
+        if len(values) == sum(convert._value_slots(n, sp, True) for n, sp in specs):
+            del values[position]
+        else:
+            values.insert(position, "randomize")
+        toggled += 1
+    assert toggled >= 2
     assert ui_to_api(ui, object_info) == json.loads((EXAMPLES / "personalize_lora_api.json").read_text())
 
 
@@ -141,8 +151,9 @@ def test_run_ui_workflow_with_progress_loss_and_downloads(comfy_server, tiny_che
 
 
 def test_a_node_error_exits_non_zero_with_the_message(comfy_server, tiny_checkpoint, tmp_path):
-    done = cli("run", LORA_UI, "--server", comfy_server.url, "--out", tmp_path,
-               *tiny_sets(tiny_checkpoint, tmp_path / "missing", 2, "client_err"))
+    """Here with the API-format twin of the example workflow."""
+    done = cli("run", EXAMPLES / "personalize_lora_api.json", "--server", comfy_server.url, "--out", tmp_path,
+               *tiny_sets(tiny_checkpoint, tmp_path / "missing", 2, "client_err", titles=False))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "node 2 (PersonalizeDatasetFromFolder)" in done.stderr and "`folder`" in done.stderr
 
