@@ -135,8 +135,13 @@ def effective_weight(key_patches: dict, key: str) -> torch.Tensor:
     """A weight with its patches applied (fp32), from `ModelPatcher.get_key_patches()`: nothing is loaded or changed."""
     entry = key_patches[key]
     weight, convert = entry[0]
-    weight = convert(weight.to(_device(), torch.float32, copy=True), inplace=True)
+    weight = convert(weight.detach().to(_device(), torch.float32, copy=True), inplace=True)
     return comfy.lora.calculate_weight(entry[1:], weight, key) if len(entry) > 1 else weight
+
+
+def _same_patches(a: list, b: list) -> bool:
+    """Same stored weight and the very same patch entries (ModelPatcher.clone copies the lists, not the entries)."""
+    return len(a) == len(b) and a[0][0] is b[0][0] and all(x is y for x, y in zip(a[1:], b[1:]))
 
 
 def extract_lora(base_model, tuned_model, base_clip=None, tuned_clip=None, *, rank: int, rank_mode: str = "fixed",
@@ -166,6 +171,8 @@ def extract_lora(base_model, tuned_model, base_clip=None, tuned_clip=None, *, ra
         base_patches, tuned_patches = base.get_key_patches(), tuned.get_key_patches()
         for target in sorted(targets):
             comfy.model_management.throw_exception_if_processing_interrupted()
+            if _same_patches(base_patches[target], tuned_patches[target]):
+                continue  # clones of one model with the same patches on this layer: no change, no copy
             w_base = effective_weight(base_patches, target)
             delta = effective_weight(tuned_patches, target) - w_base
             if float(delta.abs().max()) <= min_change * float(w_base.abs().max()):
