@@ -144,7 +144,7 @@ def pivotal_examples():
     common = {k: v for k, v in api["3"]["inputs"].items() if k in shared and k != "initial_lora"}
     token_widgets = ["token", "vectors", "init_word", "captions", "trigger_word"]
     train_widgets = ["steps", "learning_rate", "embedding_lr", "embedding_fraction", "rank", "alpha", "targets",
-                     "train_text_encoder", "text_encoder_lr", *token_widgets, *[w for w in shared if w in common]]
+                     "train_text_encoder", "text_encoder_lr", *token_widgets, *[w for w in shared if w in common or w == "control_after_generate"]]
     spec = {
         "1": api["1"], "2": api["2"],
         "3": {"class_type": "PersonalizeTrainPivotal", "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0],

@@ -48,14 +48,22 @@ def _table(clip):
     return clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
 
 
-def test_stock_clip_text_encode_reads_the_saved_vectors(pack, base, data, tmp_path, comfy_runtime, ti, emb_format,
-                                                        tiny_checkpoint):
+@pytest.fixture(scope="module")
+def trained(pack, base, data, tmp_path_factory):
+    """One run shared by the tests below (8 steps, captions mode): base state before, the run, the method."""
+    model, clip, _ = base
+    before = {"model": {k: v.clone() for k, v in model.model.state_dict().items()},
+              "clip": {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()},
+              "plain": _encode(clip, f"a photo of {TOKEN}")}
+    result, method = _train(pack, base, data, tmp_path_factory.mktemp("ti-run"), steps=8, captions="captions",
+                            trigger="sks", lr=0.1)
+    return before, result, method
+
+
+def test_stock_clip_text_encode_reads_the_saved_vectors(base, trained, comfy_runtime, ti, emb_format, tiny_checkpoint):
     """SD1 end to end: stock CheckpointLoaderSimple's CLIP + CLIPTextEncode with embedding:name."""
     model, clip, _ = base
-    before_model = {k: v.clone() for k, v in model.model.state_dict().items()}
-    before_clip = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-    plain_before = _encode(clip, f"a photo of {TOKEN}")
-    result, method = _train(pack, base, data, tmp_path, steps=3)
+    before, _, method = trained
     vectors = method.export()
     assert set(vectors) == {"clip_l"} and vectors["clip_l"].shape == (2, 768)
     init = ti.initial_vectors(_table(clip), ti.word_ids(clip.tokenizer.clip_l, "cross"), 2, torch.Generator())
@@ -76,10 +84,10 @@ def test_stock_clip_text_encode_reads_the_saved_vectors(pack, base, data, tmp_pa
     ours = _encode(method.trained_clip(clip), f"a photo of {TOKEN}, cross")
     torch.testing.assert_close(ours, stock_cond, rtol=0, atol=1e-6)
     # Only the new rows trained: every weight of the model and the text encoder is bit-identical.
-    assert all(torch.equal(before_model[k], v) for k, v in model.model.state_dict().items())
-    assert all(torch.equal(before_clip[k], v) for k, v in clip.cond_stage_model.state_dict().items())
+    assert all(torch.equal(before["model"][k], v) for k, v in model.model.state_dict().items())
+    assert all(torch.equal(before["clip"][k], v) for k, v in clip.cond_stage_model.state_dict().items())
     # The input CLIP (a sibling branch) still reads the token as plain text.
-    assert torch.equal(_encode(clip, f"a photo of {TOKEN}"), plain_before)
+    assert torch.equal(_encode(clip, f"a photo of {TOKEN}"), before["plain"])
 
 
 def _fixed_loss(model, clip, data, text):
@@ -103,9 +111,9 @@ def _fixed_loss(model, clip, data, text):
     return total
 
 
-def test_loss_falls(pack, base, data, tmp_path, ti):
+def test_loss_falls(base, data, trained, ti):
     model, clip, _ = base
-    result, method = _train(pack, base, data, tmp_path, steps=10, captions="captions", trigger="sks", lr=0.1)
+    _, _, method = trained
     init = ti.initial_vectors(_table(clip), ti.word_ids(clip.tokenizer.clip_l, "cross"), 2, torch.Generator())
     prompt = data.samples[0].caption.replace("sks", TOKEN)
     before = _fixed_loss(model, ti.with_words(clip, {TOKEN: {"clip_l": init}}), data, prompt)
@@ -118,7 +126,7 @@ def test_resume_is_exact_with_templates(pack, base, data, tmp_path):
 
     class CancelAt2:
         def __init__(self):
-            self.inner, self.done = pack.progress.Reporter(4), 0
+            self.inner, self.done = pack.progress.Reporter(3), 0
 
         def interrupted(self):
             return self.done >= 2
@@ -130,11 +138,11 @@ def test_resume_is_exact_with_templates(pack, base, data, tmp_path):
             self.done = step
             self.inner.step(step, loss, lr)
 
-    whole_result, whole = _train(pack, base, data, tmp_path / "whole")
+    whole_result, whole = _train(pack, base, data, tmp_path / "whole", steps=3)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        _train(pack, base, data, tmp_path / "split", reporter=CancelAt2())
+        _train(pack, base, data, tmp_path / "split", steps=3, reporter=CancelAt2())
     saved = next((tmp_path / "split").glob("interrupted_step_*.pt"))
-    resumed_result, resumed = _train(pack, base, data, tmp_path / "split", resume=saved)
+    resumed_result, resumed = _train(pack, base, data, tmp_path / "split", steps=3, resume=saved)
     assert torch.equal(whole.export()["clip_l"], resumed.export()["clip_l"])
     assert whole_result.loss_history == resumed_result.loss_history
 
@@ -289,32 +297,44 @@ def test_nodes_train_save_and_stock_clip_text_encode_in_a_graph(comfy_runtime, t
         comfy_runtime.run_prompt(graph)
 
 
-def test_pivotal_nodes_save_matching_names_that_stock_nodes_load(comfy_runtime, tiny_checkpoint, tmp_path):
-    from harness import make_sample_dataset, txt2img_graph
+def test_pivotal_example_trains_saves_and_loads_with_stock_nodes(comfy_runtime, tiny_checkpoint, tmp_path):
+    """The example workflows at tiny sizes: train + save under one name, then stock LoraLoader + embedding:name."""
+    import copy
+    import json
+
+    from harness import make_sample_dataset
+    from workflows import EXAMPLES
     folder = tmp_path / "data"
     make_sample_dataset(folder, n=2, size=64, seed=5, subject="sks")
-    graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
-        "20": _dataset_node(folder),
-        "21": {"class_type": "PersonalizeTrainPivotal", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "dataset": ["20", 0], "steps": 2, "learning_rate": 1e-3,
-            "embedding_lr": 5e-3, "embedding_fraction": 0.5, "rank": 2, "alpha": 2.0, "targets": "attention",
-            "train_text_encoder": False, "text_encoder_lr": 5e-5, "captions": "captions", "run_name": "pivotal_node",
-            **_TOKEN_INPUTS, **_COMMON}},
-        "22": {"class_type": "PersonalizeSavePivotal", "inputs": {"lora": ["21", 2], "embedding": ["21", 3],
-                                                                  "name": "tests/pivotal", "save_dtype": "fp16"}},
-    }
-    text = comfy_runtime.run_prompt(graph)["outputs"]["22"]["text"][0]
-    lora_file = next((comfy_runtime.folder("loras") / "tests").glob("pivotal*.safetensors"))
-    emb_file = comfy_runtime.folder("embeddings") / "tests" / lora_file.name
-    assert emb_file.is_file() and lora_file.stem in text
-    stock = txt2img_graph(tiny_checkpoint, positive=f"a photo of embedding:tests/{lora_file.stem} cross", steps=2,
-                          prefix="pivotal_stock")
-    stock["8"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
-                                                         "strength_clip": 1.0, "lora_name": f"tests/{lora_file.name}"}}
-    stock["5"]["inputs"]["model"] = ["8", 0]
-    stock["2"]["inputs"]["clip"] = ["8", 1]
+    train = json.loads((EXAMPLES / "personalize_pivotal_api.json").read_text())
+    train["1"]["inputs"]["ckpt_name"] = tiny_checkpoint
+    train["2"]["inputs"].update(folder=str(folder), resolution=64, bucket_step=32, crop_variants=1, use_cache=False)
+    train["3"]["inputs"].update(steps=2, rank=2, alpha=2.0, batch_size=2, embedding_lr=5e-3, learning_rate=1e-3,
+                                checkpoint_every=0, precision="fp32", run_name="pivotal_example")
+    train["4"]["inputs"]["name"] = "tests/pivotal"
+    train["7"]["inputs"].update(width=64, height=64)
+    train["8"]["inputs"].update(steps=2, cfg=1.0)
+    text = comfy_runtime.run_prompt(train)["outputs"]["4"]["text"][0]
+    lora_file = max((comfy_runtime.folder("loras") / "tests").glob("pivotal*.safetensors"), key=lambda p: p.stat().st_mtime)
+    assert (comfy_runtime.folder("embeddings") / "tests" / lora_file.name).is_file() and lora_file.stem in text
+    load = copy.deepcopy(json.loads((EXAMPLES / "personalize_pivotal_load_api.json").read_text()))
+    load["1"]["inputs"]["ckpt_name"] = tiny_checkpoint
+    load["2"]["inputs"]["lora_name"] = f"tests/{lora_file.name}"
+    load["3"]["inputs"]["text"] = f"a photo of embedding:tests/{lora_file.stem}, in blue"
+    load["5"]["inputs"].update(width=64, height=64)
+    load["6"]["inputs"].update(steps=2, cfg=1.0)
     mark = comfy_runtime.log_mark()
-    comfy_runtime.run_prompt(stock)
+    comfy_runtime.run_prompt(load)
     log = comfy_runtime.log_since(mark)
     assert "does not exist" not in log and "lora key not loaded" not in log
+
+
+@pytest.mark.server
+def test_pivotal_ui_workflows_are_their_api_twins(comfy_server):
+    import json
+
+    from test_example_workflows import ui_to_api
+    from workflows import EXAMPLES
+    for stem in ("personalize_pivotal", "personalize_pivotal_load"):
+        ui = json.loads((EXAMPLES / f"{stem}.json").read_text())
+        assert ui_to_api(ui, comfy_server.object_info()) == json.loads((EXAMPLES / f"{stem}_api.json").read_text())
