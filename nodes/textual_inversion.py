@@ -135,7 +135,7 @@ class PersonalizeSaveEmbedding(io.ComfyNode):
     @classmethod
     def execute(cls, embedding, name, format) -> io.NodeOutput:
         if not isinstance(embedding, TrainedEmbedding):
-            raise ValueError("`embedding` must come from a Personalize textual-inversion or pivotal training node.")
+            raise ValueError("`embedding` must come from a Personalize textual-inversion or pivotal training node.")  # noqa: TRY004 (house rule: ValueError names the input)
         root, target = _embedding_target(name)
         suffix = suffix_of(format)
         path = target.parent / (free_stem([(target.parent, suffix)], target.name) + suffix)

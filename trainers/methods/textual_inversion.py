@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-
 from comfy.sd1_clip import SDTokenizer
 
 from . import Attached, ParamGroup, TrainingMethod, register_method
