@@ -108,11 +108,12 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
         model_out, clip_out = method.trained_outputs(weights, SAVE_DTYPES[save_dtype])
         saved = ""
         if stem:
-            metadata = modelspec_metadata(model_out, title=stem, resolution=data.resolution,
+            save_model, save_clip = method.saving_outputs(weights, SAVE_DTYPES[save_dtype])
+            metadata = modelspec_metadata(save_model, title=stem, resolution=data.resolution,
                                           description=f"DreamBooth, {result.global_step} steps",
                                           extra={"personalize.job": job.to_dict(), "personalize.ema": weights is not None})
-            saved = str(save_full_checkpoint(folder_paths.get_folder_paths("checkpoints")[0], stem, model_out,
-                                             clip_out if clip_out is not None else clip, vae, metadata))
+            saved = str(save_full_checkpoint(folder_paths.get_folder_paths("checkpoints")[0], stem, save_model,
+                                             save_clip if save_clip is not None else clip, vae, metadata))
         return io.NodeOutput(model_out, clip_out if clip_out is not None else clip, {"loss": list(result.loss_history)},
                              str(result.final_checkpoint), saved)
 

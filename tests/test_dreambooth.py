@@ -91,9 +91,10 @@ def test_checkpoint_reloads_in_stock_loader_and_inputs_are_untouched(pack, base,
     assert not torch.allclose(trained, before, atol=1e-4), "training changed nothing"
     assert torch.equal(_denoise(model, clip, latent, prompt), before), "the input MODEL changed"
 
-    meta = db.ckpt_file.modelspec_metadata(trained_model, title="db test", resolution=(64, 64), extra={"personalize.job": {"a": 1}})
+    save_model, save_clip = method.saving_outputs()
+    meta = db.ckpt_file.modelspec_metadata(save_model, title="db test", resolution=(64, 64), extra={"personalize.job": {"a": 1}})
     folder = comfy_runtime.folder("checkpoints")
-    path = db.ckpt_file.save_full_checkpoint(folder, "tests/db_model", trained_model, trained_clip, vae, meta)
+    path = db.ckpt_file.save_full_checkpoint(folder, "tests/db_model", save_model, save_clip, vae, meta)
     second = db.ckpt_file.save_full_checkpoint(folder, "tests/db_model", trained_model, trained_clip, vae, meta)
     assert second != path and path.is_file() and second.is_file(), "an existing checkpoint was overwritten"
     assert not list(path.parent.glob("*.partial"))
@@ -106,6 +107,11 @@ def test_checkpoint_reloads_in_stock_loader_and_inputs_are_untouched(pack, base,
     reloaded = _denoise(reloaded_model, reloaded_clip, latent, prompt)
     torch.testing.assert_close(reloaded, trained, rtol=1e-3, atol=1e-3)  # fp16 tolerance
     assert torch.equal(_denoise(model, clip, latent, prompt), before), "saving changed the input MODEL"
+    # The returned MODEL carries weight patches, so core-style readers (get_key_patches) see the fine-tune:
+    # the difference extracts as a LoRA for users who can't store full checkpoints.
+    lora_svd = comfy_runtime.pack_import("trainers.formats.lora_svd")
+    lora, reports = lora_svd.extract_lora(model, trained_model, rank=4)
+    assert any(k.startswith("lora_unet_") for k in lora) and reports
 
 
 def test_prior_preservation_adds_the_weighted_class_loss(pack, base, data, tmp_path):

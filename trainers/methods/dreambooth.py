@@ -114,12 +114,13 @@ class DreamBoothMethod(TrainingMethod):
         self.unet: dict[str, torch.nn.Parameter] = {}
         self.text_encoder: dict[str, torch.nn.Parameter] = {}
         self.base_dtypes: dict[str, torch.dtype] = {}
-        self.model = self.clip = None
+        self.model = self.clip = self.source_model = self.source_clip = None
         self.base_model_dtype = None
 
     def attach(self, model, clip, generator):
         cfg = self.config
         dtype = _DTYPES[cfg.weight_dtype]
+        self.source_model, self.source_clip = model, clip
         model = model.clone()
         if model.weight_wrapper_patches:
             raise ValueError("the `model` carries weight wrappers (e.g. a DoRA being trained); DreamBooth needs plain "
@@ -168,20 +169,34 @@ class DreamBoothMethod(TrainingMethod):
                                      f"{tuple(param.shape)}: it was trained on another model.")
                 param.copy_(state[key])
 
+    def _weights(self, weights: dict[str, torch.Tensor] | None, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+        tensor = (weights or self.trainable_state_dict())[key].detach()
+        return tensor.to(dtype or self.base_dtypes[key.removeprefix("unet.")])
+
     def trained_outputs(self, weights: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
-        """New MODEL/CLIP clones carrying the trained weights (or `weights`, e.g. the EMA, by state name),
-        cast to `dtype` or else to each base weight's own dtype, for sampling and saving."""
-        weights = weights or self.trainable_state_dict()
+        """New MODEL/CLIP clones of the inputs carrying the trained weights (or `weights`, e.g. the EMA, by state
+        name) as ComfyUI "set" weight patches, stored in `dtype` or else each base weight's own dtype.
+
+        Weight patches, unlike the object patches used while training, are what core nodes read back through
+        `get_key_patches` (model merging, LoRA extraction), so the result works with them too."""
+        model = self.source_model.clone()
+        model.add_patches({k: ("set", (self._weights(weights, "unet." + k, dtype),)) for k in self.unet})
+        clip = self.source_clip.clone() if self.source_clip is not None else None
+        if self.text_encoder:
+            clip.add_patches({k: ("set", (self._weights(weights, "te." + k, dtype),)) for k in self.text_encoder})
+        return model, clip
+
+    def saving_outputs(self, weights: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
+        """Clones whose module weights are the trained ones in `dtype` (object patches), for
+        `comfy.sd.save_checkpoint`, which writes the module's state dict as it is (so the file gets `dtype`)."""
         model = self.model.clone()
         for key in self.unet:
-            target = dtype or self.base_dtypes[key]
-            model.add_object_patch(key, torch.nn.Parameter(weights["unet." + key].detach().to(target), requires_grad=False))
+            model.add_object_patch(key, torch.nn.Parameter(self._weights(weights, "unet." + key, dtype), requires_grad=False))
         if hasattr(model.model.diffusion_model, "dtype"):
             model.add_object_patch(UNET_PREFIX + "dtype", dtype or self.base_model_dtype)
         clip = self.clip.clone() if self.clip is not None else None
         for key in self.text_encoder:
-            target = dtype or self.base_dtypes["te." + key]
-            clip.patcher.add_object_patch(key, torch.nn.Parameter(weights["te." + key].detach().to(target),
+            clip.patcher.add_object_patch(key, torch.nn.Parameter(self._weights(weights, "te." + key, dtype),
                                                                   requires_grad=False))
         return model, clip
 
