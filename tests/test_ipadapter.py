@@ -283,3 +283,15 @@ def test_plus_variant_trains(pack, ipa, base, pixel_data, clip_vision, tmp_path)
     spec = ipa.adapter.spec_from_state_dict(method.export())
     assert spec.variant == "plus" and spec.tokens == 16 and spec.embed_dim == 32 and spec.depth == 1
     assert all(torch.isfinite(torch.tensor(result.loss_history)))
+
+
+def test_nodes_are_registered_with_tooltips_and_the_ipadapter_folder(ipa, comfy_runtime):
+    import folder_paths
+    assert "ipadapter" in folder_paths.folder_names_and_paths
+    assert ".safetensors" in folder_paths.folder_names_and_paths["ipadapter"][1]
+    for node in ipa.nodes.NODES:
+        node.GET_SCHEMA()
+        schema = node.define_schema()
+        assert schema.node_id.startswith("Personalize") and schema.category.startswith("personalize/")
+        assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs), schema.node_id
+        assert schema.node_id in comfy_runtime.pack_node_ids()

@@ -35,11 +35,14 @@ def uncond_features(clip_vision, adapter: IPAdapterModel) -> torch.Tensor:
 
 
 def _combine(features: torch.Tensor, adapter: IPAdapterModel, combine: Combine) -> torch.Tensor:
+    """Image tokens [1, T, C] (on the CPU, fp32) of one or several images' features."""
+    device = next(adapter.image_proj.parameters()).device
     with torch.no_grad():
         if combine == "average":
-            return adapter.image_tokens(features.mean(0, keepdim=True))
-        tokens = adapter.image_tokens(features)
-        return tokens.reshape(1, -1, tokens.shape[-1])
+            tokens = adapter.image_tokens(features.mean(0, keepdim=True).to(device))
+        else:
+            tokens = adapter.image_tokens(features.to(device))
+        return tokens.reshape(1, -1, tokens.shape[-1]).float().cpu()
 
 
 def apply_ipadapter(model, adapter: IPAdapterModel, features: torch.Tensor, negative: torch.Tensor, *, weight: float = 1.0,
@@ -54,7 +57,6 @@ def apply_ipadapter(model, adapter: IPAdapterModel, features: torch.Tensor, nega
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"`start_percent` ({start_percent}) and `end_percent` ({end_percent}) must satisfy "
                          "0 <= start <= end <= 1.")
-    adapter = adapter.float().cpu()
     cond = _combine(features, adapter, combine)
     uncond = _combine(negative, adapter, "average")
     if uncond.shape[1] != cond.shape[1]:

@@ -40,11 +40,15 @@ def cross_attention_sites(diffusion_model: torch.nn.Module) -> list[CrossAttenti
     return sites
 
 
+TRAIN_TOKENS = "personalize_ip_adapter_tokens"  # transformer_options entry: {id(condition): tokens [B, T, C]}
+
+
 @dataclass
 class ImageCondition:
     """What every layer's patch reads: image tokens for cond/uncond, weight and active sigma range.
 
-    `train_tokens` ([B, tokens, C], with gradients) replaces cond/uncond during training.
+    During training, per-batch tokens (with gradients) ride in `transformer_options[TRAIN_TOKENS]` of that one
+    model call, so a gradient-checkpoint recomputation sees them and any other call (e.g. a preview) does not.
     """
 
     cond: torch.Tensor | None = None  # [1, tokens, C]
@@ -52,29 +56,32 @@ class ImageCondition:
     weight: float = 1.0
     sigma_start: float = float("inf")
     sigma_end: float = 0.0
-    train_tokens: torch.Tensor | None = None
     _on_device: dict = field(default_factory=dict)
+
+    def training_tokens(self, extra_options: dict) -> torch.Tensor | None:
+        return extra_options.get(TRAIN_TOKENS, {}).get(id(self))
 
     def active(self, extra_options: dict) -> bool:
         if self.weight == 0:
             return False
         sigmas = extra_options.get("sigmas")
-        if sigmas is None or self.train_tokens is not None:
+        if sigmas is None or self.training_tokens(extra_options) is not None:
             return True
         sigma = float(sigmas.detach().flatten()[0])
         return self.sigma_end <= sigma <= self.sigma_start
 
-    def tokens_for(self, q: torch.Tensor, cond_or_uncond: list[int] | None) -> torch.Tensor | None:
+    def tokens_for(self, q: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
         """Tokens per batch row, or None when there is no image for this call (e.g. a preview while training)."""
-        if self.train_tokens is not None and self.train_tokens.shape[0] == q.shape[0]:
-            return self.train_tokens
+        train_tokens = self.training_tokens(extra_options)
+        if train_tokens is not None and train_tokens.shape[0] == q.shape[0]:
+            return train_tokens
         if self.cond is None:
             return None
         key = (q.device, q.dtype)
         if key not in self._on_device:
             self._on_device = {key: (self.cond.to(q.device, q.dtype), self.uncond.to(q.device, q.dtype))}
         cond, uncond = self._on_device[key]
-        chunks = cond_or_uncond or [0]
+        chunks = extra_options.get("cond_or_uncond") or [0]
         per_chunk = q.shape[0] // len(chunks)
         return torch.cat([(uncond if c == 1 else cond).expand(per_chunk, -1, -1) for c in chunks])
 
@@ -94,7 +101,7 @@ class IPAdapterAttention:
                                       transformer_options=extra_options)
         if not self.condition.active(extra_options):
             return out
-        tokens = self.condition.tokens_for(q, extra_options.get("cond_or_uncond"))
+        tokens = self.condition.tokens_for(q, extra_options)
         if tokens is None:
             return out
         weight_k, weight_v = self.layer.to_k_ip.weight, self.layer.to_v_ip.weight

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from ..ipadapter.adapter import AdapterSpec, IPAdapterModel
-from ..ipadapter.patch import ImageCondition, cross_attention_sites, install
+from ..ipadapter.patch import TRAIN_TOKENS, ImageCondition, cross_attention_sites, install
 from ..model_runtime import encode_sample_conds
 from . import Attached, ParamGroup, TrainingMethod, register_method
 
@@ -60,7 +60,7 @@ class IPAdapterMethod(TrainingMethod):
         self.uncond_features, self.initial_state = uncond_features, initial_state
         self.adapter: IPAdapterModel | None = None
         self.condition = ImageCondition()
-        self._text_drop: torch.Tensor | None = None
+        self._pending: tuple | None = None  # (tokens, text-drop rows) of the batch whose model call comes next
         self._empty: dict = {}
 
     def build_spec(self, diffusion_model) -> AdapterSpec:
@@ -98,20 +98,26 @@ class IPAdapterMethod(TrainingMethod):
         self.patcher, self.device = model, model.load_device
         self._empty_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize("")) if clip is not None else None
         previous = model.model_options.get("model_function_wrapper")
-        model.set_model_unet_function_wrapper(self._text_dropping_wrapper(previous))
+        model.set_model_unet_function_wrapper(self._batch_wrapper(previous))
         self.adapter.train()
         return Attached(model=model, clip=clip, groups=[ParamGroup(list(self.adapter.parameters()), "main", "ip_adapter")])
 
-    def _text_dropping_wrapper(self, previous):
+    def _batch_wrapper(self, previous):
+        """The UNet call of a training batch: its image tokens go into that call's transformer_options and the
+        caption-dropped rows get the empty caption's conds. Any other call (a preview) passes through unchanged."""
         def wrapper(apply_model, args):
-            c = args["c"]
-            rows = self._text_drop
-            if rows is not None and rows.shape[0] == args["input"].shape[0] and bool(rows.any()):
+            c, pending, self._pending = args["c"], self._pending, None
+            if pending is not None and pending[0].shape[0] == args["input"].shape[0]:
+                tokens, rows = pending
                 c = dict(c)
-                empty = self._empty.get(tuple(args["input"].shape[1:]), {})
-                for key, value in c.items():
-                    if key in ("c_crossattn", "y") and key in empty:
-                        c[key] = _replace_rows(value, rows, empty[key].cond)
+                options = dict(c.get("transformer_options", {}))
+                options[TRAIN_TOKENS] = {**options.get(TRAIN_TOKENS, {}), id(self.condition): tokens}
+                c["transformer_options"] = options
+                if bool(rows.any()):
+                    empty = self._empty.get(tuple(args["input"].shape[1:]), {})
+                    for key in ("c_crossattn", "y"):
+                        if key in c and key in empty:
+                            c[key] = _replace_rows(c[key], rows, empty[key].cond)
             if previous is not None:
                 return previous(apply_model, {**args, "c": c})
             return apply_model(args["input"], args["timestep"], **c)
@@ -127,8 +133,7 @@ class IPAdapterMethod(TrainingMethod):
         no_image = (drop_image | drop_both).to(self.device)
         uncond = self.uncond_features.to(self.device).expand_as(features)
         features = torch.where(no_image.view(-1, *[1] * (features.ndim - 1)), uncond, features)
-        self.condition.train_tokens = self.adapter.image_tokens(features)
-        self._text_drop = (drop_text | drop_both).to(self.device)
+        self._pending = (self.adapter.image_tokens(features), (drop_text | drop_both).to(self.device))
         latent = samples[0].latent
         if self._empty_conditioning is not None and tuple(latent.shape) not in self._empty:
             self._empty[tuple(latent.shape)] = encode_sample_conds(self.patcher, self._empty_conditioning, latent, self.device)
@@ -145,7 +150,7 @@ class IPAdapterMethod(TrainingMethod):
         self.adapter.load_state_dict({k: v.float() for k, v in state.items()})
 
     def finish(self):
-        self.condition.train_tokens, self._text_drop = None, None
+        self._pending = None
         self.adapter.eval()
         self.adapter.requires_grad_(False)
 
