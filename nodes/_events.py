@@ -40,7 +40,7 @@ class RunHistory:
                 self._runs.pop(key, None)
                 run = {"prompt_id": key[0], "node": key[1], "status": "running", "started": time.time(),
                        "summary": {}, "points": [], "stride": 1, "last": None, "previews": [], "checkpoint": None,
-                       "end": None, "error": None}
+                       "end": None, "error": None, "preview_error": None}
                 self._runs[key] = run
                 while len(self._runs) > self.max_runs:
                     self._runs.popitem(last=False)
@@ -49,6 +49,8 @@ class RunHistory:
                 run["summary"] = _plain(message)
             elif kind == "step":
                 _add_point(run, message)
+            elif kind == "preview" and message.get("error"):
+                run["preview_error"] = message["error"]
             elif kind == "preview":
                 run["previews"] = (run["previews"] + [{"step": message["step"], "images": message["images"]}])[-MAX_PREVIEW_ROUNDS:]
             elif kind == "checkpoint":

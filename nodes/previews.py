@@ -2,6 +2,7 @@
 current trained weights through ComfyUI's own sampler every N steps and sends them to the browser."""
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ..trainers.progress import Reporter
 from . import routes
 from ._api import io
 
+log = logging.getLogger("comfyui-personalize")
 Previews = io.Custom("PERSONALIZE_PREVIEWS")
 MAX_PROMPTS = 8
 PREVIEW_SUBFOLDER = "personalize/previews"
@@ -94,13 +96,23 @@ class PreviewReporter(Reporter):
 
     def step(self, step: int, loss: float, lr: float) -> None:
         super().step(step, loss, lr)
-        if self.attached is not None and self.settings.due(step):
-            started = time.perf_counter()
+        if self.attached is None or not self.settings.due(step):
+            return
+        started = time.perf_counter()
+        try:
             images = self.render(step)
-            seconds = time.perf_counter() - started
-            self._round_seconds.append(seconds)
-            self.exclude(seconds)
-            self.send("personalize.preview", {"step": step, "total": self.total, "images": images, "seconds": seconds})
+        except comfy.model_management.InterruptProcessingException:
+            raise
+        except Exception as exc:  # a failed preview must not end a long run: report it and stop previewing
+            log.warning("previews stopped at step %d: %s", step, exc, exc_info=True)
+            self.attached = None
+            self.send("personalize.preview", {"step": step, "total": self.total, "images": [], "error": str(exc)})
+            return
+        finally:
+            self.exclude(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._round_seconds.append(seconds)
+        self.send("personalize.preview", {"step": step, "total": self.total, "images": images, "seconds": seconds})
 
     def conditioning(self, text: str):
         """CONDITIONING of `text` with the trained CLIP; cached when the text encoder does not train."""

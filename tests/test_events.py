@@ -46,15 +46,22 @@ def _pixels(path) -> np.ndarray:
 
 def test_previews_show_current_weights_and_do_not_change_training(pack, live, base, data, tmp_path, comfy_runtime):
     """Every 2nd step one image per prompt is sampled with the trained clone; the loss curve is the same with
-    previews on and off (sampling leaves the training RNG alone)."""
+    previews and without (sampling leaves the training RNG alone)."""
     _, _, vae = base
     sent = []
     settings = live.previews.PreviewSettings(vae, ["a photo of sks cross", "sks cross on a beach"], every_n_steps=2,
                                              sample_steps=2, cfg=1.0, seed=9, width=64, height=64)
     reporter = live.previews.PreviewReporter(4, lambda event, payload: sent.append((event, payload)), settings, "ev/run")
     with_previews = _train_lora(pack, base, data, tmp_path / "a", reporter)
-    plain = _train_lora(pack, base, data, tmp_path / "b", pack.progress.Reporter(4))
-    assert with_previews.loss_history == plain.loss_history
+    # A preview that fails (here: no VAE) is reported once and turned off; training goes on unchanged.
+    broken_sent = []
+    broken = live.previews.PreviewReporter(4, lambda event, payload: broken_sent.append((event, payload)),
+                                           live.previews.PreviewSettings(None, ["x"], every_n_steps=1), "ev/broken")
+    with_broken_previews = _train_lora(pack, base, data, tmp_path / "b", broken)
+    assert with_previews.loss_history == with_broken_previews.loss_history
+    failed = [p for e, p in broken_sent if e == "personalize.preview"]
+    assert len(failed) == 1 and failed[0]["images"] == [] and "spacial_compression_encode" in failed[0]["error"]
+    assert broken_sent[-1][0] == "personalize.end"
 
     kinds = [event for event, _ in sent]
     assert kinds[0] == "personalize.start" and kinds[-1] == "personalize.end"
@@ -102,11 +109,12 @@ def test_run_history_keeps_recent_runs_with_their_status(live, monkeypatch):
     for step in range(1, 21):
         send("p1", "step", step=step, total=20, loss=1.0 / step, lr=1e-4, it_per_s=2.0, eta_s=1.0)
     send("p1", "preview", step=10, images=[{"filename": "a.png"}])
+    send("p1", "preview", step=12, images=[], error="boom")
     send("p1", "checkpoint", path="/x/interrupted.pt", step=20, reason="cancel")
     (run,) = history.runs(prompt_id="p1")
     assert run["status"] == "cancelled" and run["checkpoint"]["path"] == "/x/interrupted.pt"
     assert len(run["points"]) <= 8 and run["points"][-1][0] == 20 and run["last"]["step"] == 20
-    assert run["previews"] == [{"step": 10, "images": [{"filename": "a.png"}]}]
+    assert run["previews"] == [{"step": 10, "images": [{"filename": "a.png"}]}] and run["preview_error"] == "boom"
     send("p2", "start", steps=1)
     send("p2", "error", message="`resume` 'x': no such checkpoint")
     send("p3", "start", steps=1)
@@ -115,6 +123,12 @@ def test_run_history_keeps_recent_runs_with_their_status(live, monkeypatch):
     assert history.runs(prompt_id="p2")[0]["status"] == "error"
     assert history.runs(prompt_id="p3")[0]["status"] == "finished"
     assert history.runs(node="4") == []
+
+
+def test_history_route_is_registered_on_the_runtimes_server(live, comfy_runtime):
+    """The pack adds its route at import; the in-process stub server still boots and lists it."""
+    assert live.routes.register() is True  # idempotent: a second import adds nothing
+    assert len([r for r in comfy_runtime.stub.routes if getattr(r, "path", None) == live.routes.RUNS_PATH]) == 1
 
 
 # -- the real server, over a plain websocket ---------------------------------------------------------------

@@ -68,7 +68,7 @@ def _load_example(page, values: dict) -> dict:
             }
         }
         app.canvas.ds.scale = 1;  // the training node's live view at full size, in the viewport
-        app.canvas.ds.offset = [-760, -20];
+        app.canvas.ds.offset = [-760, -60];
         app.canvas.setDirty(true, true);
         return asLoaded;
     }""", [workflow, values])
@@ -109,7 +109,7 @@ def test_live_view_chart_previews_reload_and_cancel(browser, comfy_server, tiny_
         8: {"steps": 2, "cfg": 1.0},
         11: {"every_n_steps": 3, "sample_steps": 2, "cfg": 1.0, "width": 64, "height": 64},
     }
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page = browser.new_page(viewport={"width": 1500, "height": 1400})
     errors = []
     page.on("pageerror", lambda error: errors.append(f"{error}\n{getattr(error, 'stack', '')}"))
     page.goto(comfy_server.url)
@@ -153,6 +153,15 @@ def test_live_view_chart_previews_reload_and_cancel(browser, comfy_server, tiny_
     page.locator(f"{LIVE} button.pl-resume").click()  # the checkpoint goes into `resume`
     resume = page.evaluate("() => window.comfyAPI.app.app.graph.getNodeById(3).widgets.find(w => w.name === 'resume').value")
     assert resume == str(checkpoint)
+
+    # A second run right after: its bad input (fewer steps than the checkpoint it resumes) shows on the node.
+    page.evaluate("""() => { const node = window.comfyAPI.app.app.graph.getNodeById(3);
+        node.widgets.find(w => w.name === 'steps').value = 2; }""")
+    page.evaluate("() => window.comfyAPI.app.app.queuePrompt(0, 1)")
+    state = _wait_live(page, lambda s: s["status"] == "error" and s["promptId"] != prompt_id, what="the error on the node")
+    assert "`steps`=2" in state["note"] and int(state["points"]) == 0, state
+    page.locator(LIVE).screenshot(path=str(SHOTS / "5_error.png"))
+
     ours = [e for e in errors if "live_training" in e or "live_chart" in e]  # the frontend has a few of its own
     assert not ours, ours
     page.close()

@@ -47,7 +47,7 @@ function viewUrl(ref) {
 
 function emptyRun(promptId) {
   return { prompt_id: promptId, status: "running", points: [], last: null, previews: [], checkpoint: null, end: null,
-    error: null, summary: {} };
+    error: null, preview_error: null, summary: {} };
 }
 
 /** The widget of one node: its state (a run as /personalize/runs returns it) and its DOM. */
@@ -101,7 +101,8 @@ class LiveView {
     else if (kind === "step") {
       run.last = data;
       run.points.push([data.step, data.loss, data.lr]);
-    } else if (kind === "preview") run.previews = [...run.previews, { step: data.step, images: data.images }].slice(-12);
+    } else if (kind === "preview" && data.error) run.preview_error = data.error;
+    else if (kind === "preview") run.previews = [...run.previews, { step: data.step, images: data.images }].slice(-12);
     else if (kind === "checkpoint") {
       run.checkpoint = { path: data.path, step: data.step, reason: data.reason };
       if (data.reason === "cancel") run.status = "cancelled";
@@ -193,12 +194,16 @@ class LiveView {
   noteText() {
     const run = this.run;
     if (!run) return "";
-    if (run.status === "error") return `Error: ${run.error ?? "see the console"}`;
+    if (run.status === "error") {
+      const saved = run.checkpoint?.reason === "error" ? ` Resumable checkpoint: ${run.checkpoint.path}` : "";
+      return `Error: ${run.error ?? "see the console"}${saved}`;
+    }
+    const previewNote = run.preview_error ? `Previews stopped: ${run.preview_error}. ` : "";
     if (run.status === "cancelled" && run.checkpoint)
-      return `Cancelled at step ${run.checkpoint.step}. Resumable checkpoint: ${run.checkpoint.path}`;
+      return `${previewNote}Cancelled at step ${run.checkpoint.step}. Resumable checkpoint: ${run.checkpoint.path}`;
     if (run.status === "finished" && run.end)
-      return `Finished in ${formatDuration(run.end.seconds ?? 0)}. Checkpoint: ${run.end.checkpoint ?? run.checkpoint?.path ?? ""}`;
-    return "";
+      return `${previewNote}Finished in ${formatDuration(run.end.seconds ?? 0)}. Checkpoint: ${run.end.checkpoint ?? run.checkpoint?.path ?? ""}`;
+    return previewNote;
   }
 
   renderGallery() {
