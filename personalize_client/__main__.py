@@ -80,7 +80,8 @@ def cmd_run(args) -> int:
         sweeps.append((name, [parse_value(v.strip()) for v in values.split(",") if v.strip()]))
     out_dir = None if args.no_download else args.out
     if not sweeps and len(servers) == 1:
-        result = run_prompt(client, prompt, out_dir=out_dir, timeout=args.timeout, bar=ProgressBar())
+        result = run_prompt(client, prompt, out_dir=out_dir, timeout=args.timeout, bar=ProgressBar(),
+                            on_queued=lambda pid: print(f"queued {pid} on {client.url}", file=sys.stderr, flush=True))
         for line in result.texts:
             print(line)
         for path in result.files:

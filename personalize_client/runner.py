@@ -114,16 +114,19 @@ def _outcome(entry: dict, status: str, error: str) -> tuple[str, str]:
 
 
 def run_prompt(client: ComfyClient, prompt: dict, *, out_dir: Path | None, timeout: float = 24 * 3600,
-               bar: ProgressBar | None = None, params: dict | None = None) -> RunResult:
+               bar: ProgressBar | None = None, params: dict | None = None, on_queued=None) -> RunResult:
     """Queue `prompt` on `client`'s server, follow it to the end, and download its outputs to `out_dir`.
 
     Ctrl-C interrupts the prompt on the server (or takes it off the queue) before it propagates.
+    `on_queued(prompt_id)` is called once the server accepted the prompt.
     """
     started = time.perf_counter()
     ws = client.connect()
     result = RunResult(status="", server=client.url, params=dict(params or {}))
     try:
         result.prompt_id = client.queue(prompt)
+        if on_queued is not None:
+            on_queued(result.prompt_id)
         try:
             status, result.final_loss, result.error = follow(client, ws, result.prompt_id, bar, timeout)
         except KeyboardInterrupt:
@@ -160,17 +163,20 @@ def run_sweep(servers: list[str], prompts: list[tuple[dict, dict]], *, out_dir: 
     for index, (params, prompt) in enumerate(prompts):
         todo.put((index, params, prompt))
     results: list[RunResult | None] = [None] * len(prompts)
+    running: dict[str, tuple[ComfyClient, str]] = {}  # server -> (client, prompt id), to stop on Ctrl-C
+    stopping = threading.Event()
 
     def worker(url: str) -> None:
         client = ComfyClient(url)
-        while True:
+        while not stopping.is_set():
             try:
                 index, params, prompt = todo.get_nowait()
             except queue.Empty:
                 return
             log(f"run {index + 1}/{len(prompts)} on {client.url}: {params}")
             try:
-                results[index] = run_prompt(client, prompt, out_dir=out_dir, timeout=timeout, params=params)
+                results[index] = run_prompt(client, prompt, out_dir=out_dir, timeout=timeout, params=params,
+                                            on_queued=lambda pid: running.__setitem__(url, (client, pid)))
             except ServerError as exc:
                 results[index] = RunResult(status="rejected", server=client.url, error=str(exc), params=params)
             log(f"run {index + 1} {results[index].status}" + (f": {results[index].error}" if results[index].error else ""))
@@ -178,9 +184,15 @@ def run_sweep(servers: list[str], prompts: list[tuple[dict, dict]], *, out_dir: 
     threads = [threading.Thread(target=worker, args=(url,), daemon=True) for url in servers]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(0.5)
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)
+    except KeyboardInterrupt:
+        stopping.set()
+        for client, prompt_id in list(running.values()):
+            client.interrupt(prompt_id)
+        raise
     return [r for r in results if r is not None]
 
 
