@@ -7,13 +7,12 @@ import json
 import pickle
 import uuid
 
-import pytest
-import torch
-
 import comfy.lora
-import comfy.supported_models as sm
 import comfy.sd1_clip
 import comfy.sdxl_clip
+import comfy.supported_models as sm
+import pytest
+import torch
 
 UNET_TARGETS = [
     "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",    # linear 320x320
@@ -264,6 +263,9 @@ def test_lora_for_another_architecture_is_refused(fmt, base):
     sd2 = {f"{name}.lora_up.weight": torch.zeros(320, 2), f"{name}.lora_down.weight": torch.zeros(2, 1024)}
     with pytest.raises(ValueError, match="different base architecture"):
         fmt.convert.convert(sd2, keys, "kohya")
+    incomplete = {f"{name}.lora_up.weight": torch.zeros(320, 2), f"{name}.alpha": torch.tensor(1.0)}
+    with pytest.raises(ValueError, match="`lora` has an incomplete module"):
+        fmt.convert.convert(incomplete, keys, "kohya")
     text_only = make_lora(fmt, model, clip, rank=2, seed=4, targets=CLIP_TARGETS)
     with pytest.raises(ValueError, match="connect `clip`"):
         fmt.convert.convert(text_only, fmt.convert.KeySpace(model, None), "kohya")

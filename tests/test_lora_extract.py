@@ -1,11 +1,11 @@
 """Extracting a LoRA from a fine-tune and resizing a LoRA's rank (SVD), on the tiny SD1.5 model."""
-import pytest
-import torch
-
 import comfy.sd
+import pytest
+import test_lora_convert as shared
+import torch
+from test_lora_convert import CLIP_TARGETS, UNET_TARGETS, all_patched, assert_close, make_lora, save_lora, stock_load
 
-from test_lora_convert import (CLIP_TARGETS, UNET_TARGETS, all_patched, assert_close, fmt, make_lora,  # noqa: F401
-                               save_lora, stock_load)
+fmt = shared.fmt  # the module's fixture, shared
 
 PLANTED = [UNET_TARGETS[0], UNET_TARGETS[5], UNET_TARGETS[6], CLIP_TARGETS[0]]  # linear, 3x3 conv, 1x1 conv, text
 
@@ -38,7 +38,7 @@ def test_extract_node_recovers_a_planted_low_rank_delta(comfy_runtime, fmt, base
     keys = fmt.convert.KeySpace(model, clip)
     got = fmt.convert.resolve(extracted, keys).modules
     want = fmt.convert.resolve(planted, keys).modules
-    assert sorted(got) == sorted(PLANTED)
+    assert sorted(got) == sorted(PLANTED) and extracted.metadata["ss_base_model_version"] == "sd_v1"
     for target in PLANTED:
         w = keys.weight(target)
         error = _relative_error(fmt.convert.full_delta(got[target], w), fmt.convert.full_delta(want[target], w))
@@ -55,7 +55,7 @@ def test_extract_energy_mode_finds_the_planted_rank(fmt, base, tiny_checkpoint_p
     with torch.inference_mode():
         tuned, _ = stock_load_engine(model, clip, planted)
         before = all_patched(model, clip, PLANTED[:2])
-        lora, reports = fmt.svd.extract_lora(model, tuned, rank=64, rank_mode="energy", energy=0.999999)
+        _, reports = fmt.svd.extract_lora(model, tuned, rank=64, rank_mode="energy", energy=0.999999)
     assert [r.new_rank for r in reports] == [2, 2] and all(r.kept_energy > 0.999999 for r in reports)
     assert_close(before, all_patched(model, clip, PLANTED[:2]), rtol=1e-7)  # the base is not changed
     # A separately loaded copy (no shared tensors): every layer is compared, only the planted ones differ.

@@ -1,11 +1,11 @@
 """Merging LoRAs (concat, svd, ties, dare) and baking them into a checkpoint, on the tiny SD1.5 model."""
-import pytest
-import torch
-
 import comfy.sd
+import pytest
+import test_lora_convert as shared
+import torch
+from test_lora_convert import CLIP_TARGETS, UNET_TARGETS, all_patched, assert_close, make_lora, save_lora, stock_load
 
-from test_lora_convert import (CLIP_TARGETS, UNET_TARGETS, all_patched, assert_close, fmt, make_lora,  # noqa: F401
-                               save_lora, stock_load)
+fmt = shared.fmt  # the module's fixture, shared
 
 TARGETS = UNET_TARGETS + CLIP_TARGETS
 
@@ -148,7 +148,7 @@ def test_bake_saves_a_checkpoint_stock_loader_reads(comfy_runtime, fmt, base):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bake_test.safetensors").write_bytes(b"taken")
     with torch.inference_mode():
-        path, baked_model, _ = fmt.merge.bake_loras(model, clip, vae, [(lora, 0.8)], folder, "bake_test")
+        path, _, _ = fmt.merge.bake_loras(model, clip, vae, [(lora, 0.8)], folder, "bake_test")
     assert path.name == "bake_test_00001.safetensors" and (folder / "bake_test.safetensors").read_bytes() == b"taken"
     with torch.inference_mode():
         b_model, b_clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)

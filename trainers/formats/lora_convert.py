@@ -18,12 +18,11 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_management
+import torch
+from safetensors import safe_open
 
 from . import kohya_lora
 from .kohya_lora import LoraStateDict
@@ -60,7 +59,7 @@ def read_lora_file(path: str | Path, *, input_name: str = "lora_name") -> LoraSt
                          "Download or copy the file again.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
             metadata = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise ValueError(f"`{input_name}`={path.name!r} is corrupt or not a LoRA safetensors file ({exc}). "
@@ -182,11 +181,26 @@ def resolve(lora: dict[str, torch.Tensor], keys: KeySpace, *, input_name: str = 
         hint = " It has text-encoder keys: connect `clip`." if keys.clip is None and text_keys else ""
         raise ValueError(
             f"`{input_name}` does not fit this model: {len(unknown)} of its {len(lora)} keys match no layer "
-            f"(e.g. {sorted(unknown)[0]!r}). It was made for a different base architecture (or needs the CLIP); "
+            f"(e.g. {min(unknown)!r}). It was made for a different base architecture (or needs the CLIP); "
             f"use a LoRA made for this model.{hint}")
     for module in modules.values():
+        _check_complete(module, input_name)
         _check_shape(module, keys.weight(module.target), input_name)
     return ResolvedLora(modules)
+
+
+def _check_complete(module: Module, input_name: str) -> None:
+    """A module ComfyUI would skip (e.g. an up without its down, an alpha alone) is an error, not a silent no-op."""
+    if module.is_plain_lora:
+        return
+    tensors = {"m" + suffix: t for suffix, t in module.tensors.items()}
+    try:
+        loaded = module.target in comfy.lora.load_lora(tensors, {"m": module.target}, log_missing=False)
+    except KeyError:  # ComfyUI's adapters index the partner key of a factor directly
+        loaded = False
+    if not loaded:
+        raise ValueError(f"`{input_name}` has an incomplete module for {module.target} (only "
+                         f"{', '.join(sorted(module.tensors))}): the file is damaged or not a LoRA ComfyUI can apply.")
 
 
 def _check_shape(module: Module, weight: torch.Tensor, input_name: str) -> None:

@@ -84,9 +84,10 @@ def inspect_lora(lora, *, model=None, clip=None, max_modules: int = 400) -> str:
     """The text the Inspect node shows."""
     metadata = dict(getattr(lora, "metadata", {}) or {})
     modules = split_module_keys(lora)
+    text_modules = sum(1 for n in modules if n.startswith(("lora_te", "text_encoder")))
     lines = [f"layout: {detect_layout(modules)}", f"base model: {guess_base_model(metadata, modules)}",
-             f"modules: {len(modules)} ({sum(1 for n in modules if n.startswith(('lora_te', 'text_encoder')))}"
-             " text encoder)", f"tensors: {len(lora)}, values: {sum(t.numel() for t in lora.values())}"]
+             f"modules: {len(modules)} ({text_modules} text encoder)",
+             f"tensors: {len(lora)}, values: {sum(t.numel() for t in lora.values())}"]
     ranks = Counter(t[".lora_down.weight"].shape[0] for t in modules.values() if ".lora_down.weight" in t)
     if ranks:
         lines.append("ranks: " + ", ".join(f"{r} x{n}" for r, n in sorted(ranks.items())))

@@ -15,16 +15,24 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+import comfy.sd
 import torch
 from peft.utils import merge_utils
 
-import comfy.sd
-
 from .files import write_new_file
 from .kohya_lora import LoraStateDict
-from .lora_convert import KeySpace, Module, check_same_base, diff_module, full_delta, lora_module, \
-    output_metadata, resolve_lora, write_modules
-from .lora_svd import LayerReport, check_rank, max_layer_rank, svd_of_delta, svd_of_factors, _from_svd
+from .lora_convert import (
+    KeySpace,
+    Module,
+    check_same_base,
+    diff_module,
+    full_delta,
+    lora_module,
+    output_metadata,
+    resolve_lora,
+    write_modules,
+)
+from .lora_svd import LayerReport, _from_svd, check_rank, max_layer_rank, svd_of_delta, svd_of_factors
 
 MERGE_METHODS = ("concat", "svd", "ties", "dare_linear", "dare_ties")
 SIGN_METHODS = ("total", "frequency")

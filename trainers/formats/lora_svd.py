@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import comfy.lora
 import comfy.model_management
+import torch
 
+from . import kohya_lora
 from .kohya_lora import LoraStateDict
-from .lora_convert import KeySpace, Module, full_delta, lora_module, output_metadata, resolve_lora, \
-    write_modules
+from .lora_convert import KeySpace, Module, full_delta, lora_module, output_metadata, resolve_lora, write_modules
 
 RANK_MODES = ("fixed", "energy")
 
@@ -185,7 +184,9 @@ def extract_lora(base_model, tuned_model, base_clip=None, tuned_clip=None, *, ra
                 modules[target] = new
     if not modules:
         raise ValueError("`tuned_model` does not differ from `base_model` in any layer: nothing to extract.")
-    meta = output_metadata([], modules, {"extract": {"rank": rank, "rank_mode": rank_mode, "energy": energy}})
+    family = kohya_lora.base_model_family(base_model)
+    source = {"ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, family)}
+    meta = output_metadata([source], modules, {"extract": {"rank": rank, "rank_mode": rank_mode, "energy": energy}})
     return LoraStateDict(write_modules(modules, keys, layout, what="Extract"), meta), reports
 
 
