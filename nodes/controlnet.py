@@ -3,9 +3,8 @@ MODEL, saving it where stock `ControlNetLoader` finds it, condition makers, and 
 under a ControlNet (the training nodes' `control` input)."""
 from __future__ import annotations
 
-import torch
-
 import folder_paths
+import torch
 
 from ..trainers.data.build import DatasetSpec, build_training_data
 from ..trainers.data.captions import CaptionOptions

@@ -102,15 +102,16 @@ def test_fresh_controlnet_changes_nothing_and_training_does(pack, base, data, cn
 def test_saved_file_loads_in_stock_loader_and_matches_training(pack, base, data, cn, tmp_path, comfy_runtime):
     """The LDM file: stock ControlNetLoader + ControlNetApplyAdvanced give the trained ControlNet's output (fp32 file:
     equal to the in-memory one; fp16: close), and the training denoiser computed the same thing."""
-    from nodes import ControlNetLoader
     from safetensors import safe_open
+
+    from nodes import ControlNetLoader
     model, clip, _ = base
     result, trained = _train(pack, base, data, tmp_path, steps=3)
     folder = comfy_runtime.folder("controlnet")
     path32 = cn.formats.save_controlnet(trained.control_model, folder / "tests", "cn32", dtype=torch.float32)
     path16 = cn.formats.save_controlnet(trained.control_model, folder / "tests", "cn16")
     again = cn.formats.save_controlnet(trained.control_model, folder / "tests", "cn32", dtype=torch.float32)
-    assert again != path32 and path32.exists(), "an existing file was overwritten"
+    assert again != path32 and path32.exists() and path16.stat().st_size < path32.stat().st_size, "a file was overwritten"
     with safe_open(str(path32), "pt") as f:
         keys = set(f.keys())
     assert "control_model.zero_convs.0.0.weight" in keys and "control_model.middle_block_out.0.weight" in keys
@@ -209,7 +210,7 @@ def test_bad_inputs_are_named(pack, base, cn, tmp_path):
     import comfy.cldm.cldm
     import comfy.controlnet
     from harness import make_sample_dataset
-    model, clip, _ = base
+    model, _, _ = base
     targets, conditions = tmp_path / "t", tmp_path / "c"
     make_sample_dataset(targets, n=3, size=64, seed=6, subject="sks")
     conditions.mkdir()

@@ -24,11 +24,10 @@ for extra in (REPO / "tests", REPO / "scripts", REPO / "benchmarks" / "quality")
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from harness import install_model  # noqa: E402
-from harness import runtime as harness_runtime  # noqa: E402
-
-import judge as world_judge  # noqa: E402
-import world  # noqa: E402
+import judge as world_judge
+import world
+from harness import install_model
+from harness import runtime as harness_runtime
 
 WORLD_CHECKPOINT = Path("~/.cache/comfyui-personalize/quality/quality-world-v1-s0.safetensors").expanduser()
 
@@ -79,6 +78,7 @@ def sample(ckpt: str, controlnet: str | None, items, conditions, *, steps: int, 
     Items of one caption are sampled as one batch (one hint per latent)."""
     import torch
     from PIL import Image
+
     import nodes
     by_caption: dict[str, list[int]] = {}
     for index, item in enumerate(items):

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 import comfy.cldm.cldm
 import comfy.ops
+import torch
+from safetensors.torch import save_file
 
 from .files import write_new_file
 from .kohya_lora import base_model_family
@@ -61,7 +60,7 @@ def build_controlnet(model, generator: torch.Generator) -> torch.nn.Module:
     control.load_state_dict(copied, strict=False)
     with torch.no_grad():
         for name, sub in control.named_modules():
-            if name.startswith("zero_convs.") or name.startswith("middle_block_out") or name == _HINT_LAST_CONV:
+            if name.startswith(("zero_convs.", "middle_block_out")) or name == _HINT_LAST_CONV:
                 for p in sub.parameters(recurse=False):
                     p.zero_()
     return control
@@ -80,7 +79,7 @@ def check_family(control_net, model, input_name: str) -> None:
     """Raise a ValueError naming `input_name` when `control_net` was made for another model family."""
     control_model = getattr(control_net, "control_model", None)
     if not isinstance(control_model, comfy.cldm.cldm.ControlNet):
-        raise ValueError(f"`{input_name}` is not a UNet ControlNet (LDM/diffusers ControlNet for SD1.x, SD2.x or SDXL); "
+        raise ValueError(f"`{input_name}` is not a UNet ControlNet (LDM/diffusers ControlNet for SD1.x, SD2.x or SDXL); "  # noqa: TRY004  (house rule: ValueError)
                          "T2I-Adapters, Control-LoRAs and DiT ControlNets cannot be used here.")
     have, wanted = unet_dims(control_model.state_dict()), unet_dims(model.model.diffusion_model.state_dict())
     differ = {k: (have[k], wanted[k]) for k in wanted if have[k] != wanted[k]}

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 import comfy.controlnet
 import comfy.model_management
+import torch
 
 from ..formats.controlnet import build_controlnet, check_family, unet_dims
 from ..model_runtime import make_autograd_safe
@@ -108,7 +107,7 @@ class TrainingControl:
             raise ValueError(f"`image` holds {self.image.shape[0]} images; give one (it conditions every sample), or "
                              "leave it out and give each image its own condition with Personalize ControlNet Dataset.")
 
-    def wrap(self, method: TrainingMethod, dataset) -> "UnderControl":
+    def wrap(self, method: TrainingMethod, dataset) -> UnderControl:
         if self.image is None and not all("condition" in s.extras for s in dataset.samples):
             raise ValueError("`control` has no `image` and the `dataset` has no condition images: connect an image to "
                              "Personalize Training Control, or build the dataset with Personalize ControlNet Dataset.")
