@@ -63,9 +63,9 @@ class Reporter:
 
     def step(self, step: int, loss: float, lr: float) -> None:
         rate, eta = self.timing(step)
-        self.bar.update_absolute(step, self.total)
         self.send("personalize.step", {"step": step, "total": self.total, "loss": loss, "lr": lr,
                                         "it_per_s": rate, "eta_s": eta})
+        self.bar.update_absolute(step, self.total)  # after the event: a cancel raised here still shows this step
 
     def checkpoint(self, path, step: int, reason: str) -> None:
         self.send("personalize.checkpoint", {"path": str(path), "step": step, "reason": reason})

@@ -187,8 +187,8 @@ class LiveView {
       if (last.it_per_s > 0) parts.push(`${last.it_per_s.toFixed(2)} it/s`);
       if (run.status === "running" && last.eta_s != null) parts.push(`ETA ${formatDuration(last.eta_s)}`);
     } else if (run.status === "running") parts.push("starting…");
-    const label = { running: "", finished: "done · ", cancelled: "cancelled · ", error: "failed · " }[run.status] ?? "";
-    return label + parts.join(" · ");
+    const label = { finished: "done", cancelled: "cancelled", error: "failed" }[run.status];
+    return (label ? [label, ...parts] : parts).join(" · ");
   }
 
   noteText() {
