@@ -81,7 +81,8 @@ def child_main(spec: dict) -> None:
     loop.build_optimizer = spy
     from torch.optim.optimizer import register_optimizer_step_post_hook
     stamps = []
-    register_optimizer_step_post_hook(lambda opt, a, kw: stamps.append(time.perf_counter()))
+    # Only the loop's own optimizer: per-weight inner optimizers (fused / bf16 paths) step too.
+    register_optimizer_step_post_hook(lambda opt, a, kw: stamps.append(time.perf_counter()) if opt is seen.get("optimizer") else None)
     rss_before = shared._proc_status_kb("VmRSS")
     reset = shared._reset_peak_rss()
     try:
