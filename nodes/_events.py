@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("comfyui-personalize")
 
@@ -119,7 +119,7 @@ def websocket_sender(node_id: str | None, history: RunHistory = HISTORY) -> Call
             return
         try:
             instance.send_sync(event, message, getattr(instance, "client_id", None))
-        except Exception as exc:  # a closed socket must never stop a training run
+        except Exception as exc:  # noqa: BLE001 -- a closed socket must never stop a training run
             log.debug("could not send %s: %s", event, exc)
 
     return send

@@ -7,14 +7,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-from PIL import Image
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import folder_paths
+import numpy as np
+import torch
+from PIL import Image
 
 from ..trainers.formats.files import safe_stem, write_new_file
 from ..trainers.model_runtime import load_for_training

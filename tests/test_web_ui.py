@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from workflows import LORA_API, LORA_UI
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
