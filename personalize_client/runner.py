@@ -131,6 +131,10 @@ def run_prompt(client: ComfyClient, prompt: dict, *, out_dir: Path | None, timeo
             status, result.final_loss, result.error = follow(client, ws, result.prompt_id, bar, timeout)
         except KeyboardInterrupt:
             client.interrupt(result.prompt_id)
+            try:  # wait until the server has stopped it (a training node writes its checkpoint first)
+                follow(client, ws, result.prompt_id, None, 120)
+            except (KeyboardInterrupt, TimeoutError, ServerError):  # a second Ctrl-C leaves at once
+                pass
             raise
     finally:
         ws.close()
