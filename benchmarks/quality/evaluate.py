@@ -45,10 +45,14 @@ class Method:
     inputs: dict = field(default_factory=dict)
     clip_output: int | None = 1  # None: sample with the checkpoint's CLIP
     artifact_output: int = 2
-    save_node: str = "PersonalizeSaveLoRA"
-    save_input: str = "lora"
+    save_node: str | None = "PersonalizeSaveLoRA"  # None: the training node saves the artifact itself
+    save_input: str | dict = "lora"  # an input name, or {input: training output index} for several
     save_extra: dict = field(default_factory=lambda: {"save_dtype": "fp16"})
     artifact_folder: str = "loras"
+    identifier: str = IDENTIFIER  # the word prompts use for the subject (a new token for textual inversion)
+    class_prompt: str = ""  # prior preservation: class images generated in-graph from this prompt
+    class_images: int = 0
+    links: dict = field(default_factory=dict)  # extra training-node inputs from the checkpoint loader, e.g. {"vae": 2}
 
 
 LORA_DEFAULTS = {
@@ -58,6 +62,11 @@ LORA_DEFAULTS = {
     "max_grad_norm": 1.0, "precision": "fp32", "gradient_checkpointing": False, "seed": 0, "checkpoint_every": 0,
     "run_name": "quality", "resume": "", "initial_lora": "[none]",
 }
+
+_LOOP = {k: LORA_DEFAULTS[k] for k in (
+    "batch_size", "grad_accumulation", "optimizer", "lr_scheduler", "warmup_steps", "loss_type", "min_snr_gamma",
+    "noise_offset", "max_grad_norm", "precision", "gradient_checkpointing", "seed", "checkpoint_every", "run_name", "resume")}
+TOKEN = "<sks>"  # textual inversion needs a token the vocabulary does not have
 
 METHODS = {
     "lora": Method("lora", inputs=dict(LORA_DEFAULTS)),
@@ -72,11 +81,34 @@ METHODS = {
                                "learning_rate": 1e-4, "layer_structure": "1, 2, 1", "activation": "linear",
                                "layer_norm": False, "dropout": False, "last_layer_dropout": False,
                                "activate_output": False, "weight_init": "normal"}),
+    "textual_inversion": Method("textual_inversion", node="PersonalizeTrainTextualInversion", clip_output=0,
+                                artifact_output=1, save_node="PersonalizeSaveEmbedding", save_input="embedding",
+                                save_extra={"format": "safetensors"}, artifact_folder="embeddings", identifier=TOKEN,
+                                inputs={**_LOOP, "steps": 800, "learning_rate": 5e-3, "token": TOKEN, "vectors": 4,
+                                        "init_word": "shape", "captions": "captions", "trigger_word": IDENTIFIER}),
+    "pivotal": Method("pivotal", node="PersonalizeTrainPivotal", clip_output=1, save_node="PersonalizeSavePivotal",
+                      save_input={"lora": 2, "embedding": 3}, identifier=TOKEN,
+                      inputs={**_LOOP, "steps": 800, "learning_rate": 1e-3, "embedding_lr": 5e-3, "embedding_fraction": 0.5,
+                              "rank": 8, "alpha": 8.0, "targets": "attention_ff", "train_text_encoder": False,
+                              "text_encoder_lr": 5e-5, "token": TOKEN, "vectors": 2, "init_word": "shape",
+                              "captions": "captions", "trigger_word": IDENTIFIER}),
+    "dreambooth": Method("dreambooth", node="PersonalizeTrainDreamBooth", save_node=None, artifact_folder="checkpoints",
+                         links={"vae": 2},
+                         inputs={**_LOOP, "steps": 400, "learning_rate": 5e-5, "instance_prompt": "",
+                                 "prior_preservation": False, "prior_loss_weight": 1.0, "train_text_encoder": False,
+                                 "text_encoder_lr": 1e-6, "text_encoder_fraction": 0.5, "weight_dtype": "fp32",
+                                 "weight_rounding": "stochastic", "fused_backward": False, "ema_decay": 0.0,
+                                 "ema_warmup_steps": 100, "ema_on_cpu": False, "use_ema": True,
+                                 "save_name": "quality/dreambooth", "save_dtype": "fp16"}),
 }
+METHODS["dreambooth_prior"] = Method(**{**METHODS["dreambooth"].__dict__, "name": "dreambooth_prior",
+                                        "class_prompt": "a cross", "class_images": 24,
+                                        "inputs": {**METHODS["dreambooth"].inputs, "prior_preservation": True,
+                                                   "save_name": "quality/dreambooth_prior"}})
 
 
-def subject_prompt(colour: str | None = None) -> str:
-    return f"a {colour + ' ' if colour else ''}{IDENTIFIER} cross"
+def subject_prompt(colour: str | None = None, identifier: str = IDENTIFIER) -> str:
+    return f"a {colour + ' ' if colour else ''}{identifier} cross"
 
 
 def _sampling_branch(prompt: dict, node_id: int, model_ref, clip_ref, vae_ref, text: str, count: int, seed: int,
@@ -93,33 +125,44 @@ def _sampling_branch(prompt: dict, node_id: int, model_ref, clip_ref, vae_ref, t
     return node_id + 6
 
 
-def method_graph(method: Method, ckpt: str, folder: Path, prompts: dict[str, str], count: int, steps_override: int | None,
-                 sample_steps: int, cfg: float) -> tuple[dict, dict[str, str]]:
+def method_graph(method: Method, ckpt: str, folder: Path, prompts: dict[str, str], counts: dict[str, int],
+                 steps_override: int | None, sample_steps: int, cfg: float) -> tuple[dict, dict[str, str]]:
     """API-format graph: train with the method, then sample every prompt with stock nodes.
     Returns the graph and {prompt key: SaveImage node id}."""
     inputs = dict(method.inputs)
     if steps_override:
         inputs["steps"] = steps_override
     inputs["run_name"] = f"quality_{method.name}"
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "PersonalizeDatasetFromFolder", "inputs": {
-            "folder": str(folder), "vae": ["1", 2], "clip": ["1", 1], "resolution": 64, "buckets": False,
-            "bucket_step": 64, "min_side": 0, "max_side": 0, "no_upscale": False, "crop": "center", "crop_variants": 1,
-            "flip": True, "trigger_word": "", "instance_prompt": "", "shuffle_tags": False, "keep_tokens": 0,
-            "tag_dropout": 0.0, "caption_dropout": 0.0, "masked_loss": False, "seed": 0, "use_cache": True}},
-        "3": {"class_type": method.node, "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0], **inputs}},
-        "4": {"class_type": method.save_node, "inputs": {method.save_input: ["3", method.artifact_output],
-                                                          "name": f"quality/{method.name}", **method.save_extra}},
-    }
+    dataset = {"folder": str(folder), "vae": ["1", 2], "clip": ["1", 1], "resolution": 64, "buckets": False,
+               "bucket_step": 64, "min_side": 0, "max_side": 0, "no_upscale": False, "crop": "center", "crop_variants": 1,
+               "flip": True, "trigger_word": "", "instance_prompt": "", "shuffle_tags": False, "keep_tokens": 0,
+               "tag_dropout": 0.0, "caption_dropout": 0.0, "masked_loss": False, "seed": 0, "use_cache": True}
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+              "2": {"class_type": "PersonalizeDatasetFromFolder", "inputs": dataset},
+              "3": {"class_type": method.node, "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0], **inputs,
+                                                        **{k: ["1", i] for k, i in method.links.items()}}}}
+    if method.class_images:
+        prompt["5"] = {"class_type": "PersonalizeClassImages", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "class_prompt": method.class_prompt, "negative_prompt": "",
+            "count": method.class_images, "width": 64, "height": 64, "steps": sample_steps, "cfg": cfg,
+            "sampler_name": "euler", "scheduler": "normal", "seed": 0}}
+        dataset["class_images"] = ["5", 0]
+    if method.save_node:
+        links = (method.save_input if isinstance(method.save_input, dict) else {method.save_input: method.artifact_output})
+        prompt["4"] = {"class_type": method.save_node, "inputs": {**{k: ["3", i] for k, i in links.items()},
+                                                                  "name": f"quality/{method.name}", **method.save_extra}}
     clip_ref = ["3", method.clip_output] if method.clip_output is not None else ["1", 1]
     save_nodes = {}
     next_id = 10
     for key, text in prompts.items():
         save_nodes[key] = str(next_id + 5)
-        next_id = _sampling_branch(prompt, next_id, ["3", 0], clip_ref, ["1", 2], text, count, 1000 + next_id,
+        next_id = _sampling_branch(prompt, next_id, ["3", 0], clip_ref, ["1", 2], text, counts[key], 1000 + next_id,
                                    f"quality/{method.name}/{key}", sample_steps, cfg)
     return prompt, save_nodes
+
+
+def _folder_bytes(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
 
 
 def score(judged: dict[str, list[tuple[str, str]]], expected: dict[str, tuple[str, str]]) -> dict[str, float]:
@@ -152,40 +195,43 @@ def contact_sheet(rows: dict[str, list], path: Path) -> None:
     sheet.save(path)
 
 
-def run(methods: list[str], checkpoint: Path, *, count: int, steps: int | None, sample_steps: int, cfg: float,
-        out_dir: Path, concept_seed: int = 0, classifier_steps: int = 300) -> dict:
+def run(methods: list[str], checkpoint: Path, *, count: int, base_count: int, steps: int | None, sample_steps: int,
+        cfg: float, out_dir: Path, concept_seed: int = 0, classifier_steps: int = 300) -> dict:
     from PIL import Image
     rt = harness_runtime.boot()
     ckpt = install_model(rt.base_dir, "checkpoints", checkpoint, "quality_world.safetensors")
     folder = out_dir / "concept"
     world.write_folder(folder, world.concept_images(5, seed=concept_seed))
-    prompts = {"subject": subject_prompt()}
-    expected = {"subject": CONCEPT}
-    for colour in RECOLOURS:
-        prompts[f"recolour_{colour}"] = subject_prompt(colour)
-        expected[f"recolour_{colour}"] = ("cross", colour)
-    for shape in BASE_SHAPES:
-        for colour in BASE_COLOURS:
-            prompts[f"base_{colour}_{shape}"] = world.caption(shape, colour)
-            expected[f"base_{colour}_{shape}"] = (shape, colour)
     table = {}
     for name in methods:
         method = METHODS[name]
-        graph, save_nodes = method_graph(method, ckpt, folder, prompts, count, steps, sample_steps, cfg)
+        prompts, expected, counts = {"subject": subject_prompt(identifier=method.identifier)}, {"subject": CONCEPT}, {}
+        for colour in RECOLOURS:
+            prompts[f"recolour_{colour}"] = subject_prompt(colour, method.identifier)
+            expected[f"recolour_{colour}"] = ("cross", colour)
+        for shape in BASE_SHAPES:
+            for colour in BASE_COLOURS:
+                prompts[f"base_{colour}_{shape}"] = world.caption(shape, colour)
+                expected[f"base_{colour}_{shape}"] = (shape, colour)
+        counts = {k: base_count if k.startswith("base_") else count for k in prompts}
+        graph, save_nodes = method_graph(method, ckpt, folder, prompts, counts, steps, sample_steps, cfg)
+        artifacts = rt.folder(method.artifact_folder)
+        before = _folder_bytes(artifacts)
         started = time.perf_counter()
         result = rt.run_prompt(graph)
         seconds = time.perf_counter() - started
         end = [e["data"] for e in result["events"] if e["type"] == "personalize.end"]
         images = {k: [Image.open(p) for p in rt.image_paths(result, node)] for k, node in save_nodes.items()}
         judged = {k: [world_judge.judge(im) for im in ims] for k, ims in images.items()}
-        lora_file = Path(result["outputs"]["4"]["text"][0].removeprefix("saved "))
+        written = {p: size for p, size in _folder_bytes(artifacts).items() if p not in before}
         row = score(judged, expected)
         real_positives = [item.image for item in world.concept_images(5, seed=concept_seed)]
         row.update(classifier.rare_class_experiment(real_positives, images["subject"], steps=classifier_steps))
         row.update(diversity=diversity(images["subject"]), train_seconds=end[0]["seconds"] if end else seconds,
                    graph_seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   artifact_mb=(rt.folder(method.artifact_folder) / lora_file).stat().st_size / 2**20)
+                   artifact_mb=sum(written.values()) / 2**20)
         table[name] = row
+        print(f"{name}: {row}", flush=True)
         contact_sheet({k: v[:8] for k, v in images.items() if not k.startswith("base_") or k.endswith("_circle")},
                       out_dir / f"grid_{name}.png")
     return table
@@ -205,7 +251,9 @@ def print_table(table: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--samples", type=int, default=48, help="samples per prompt (>= 48 for +-10 points)")
+    parser.add_argument("--samples", type=int, default=48, help="samples per subject/recolour prompt (>= 48 for +-10 points)")
+    parser.add_argument("--base-samples", type=int, default=16,
+                        help="samples per base prompt (preservation pools the 12 prompts: 16 each is 192 samples)")
     parser.add_argument("--steps", type=int, default=None, help="override every method's training steps")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
@@ -217,13 +265,14 @@ def main(argv=None) -> int:
     if args.smoke:
         from tiny_model import cached_tiny_checkpoint
         args.checkpoint, args.steps, args.samples, args.sample_steps = cached_tiny_checkpoint("taesd"), 3, 2, 2
+        args.base_samples = 1
         args.classifier_steps = 5
         args.methods = args.methods[:1] if args.methods == list(METHODS) else args.methods
     if args.checkpoint is None:
         from pretrain import pretrained_world_checkpoint
         args.checkpoint = pretrained_world_checkpoint()
     args.out.mkdir(parents=True, exist_ok=True)
-    table = run(args.methods, args.checkpoint, count=args.samples, steps=args.steps, sample_steps=args.sample_steps,
+    table = run(args.methods, args.checkpoint, count=args.samples, base_count=args.base_samples, steps=args.steps, sample_steps=args.sample_steps,
                 cfg=args.cfg, out_dir=args.out, classifier_steps=args.classifier_steps)
     print_table(table)
     (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
