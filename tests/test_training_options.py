@@ -30,14 +30,22 @@ def _run(pack, setup, tmp_path, steps=3, **job_options):
     return result, method.export()
 
 
-def test_gradient_checkpointing_gives_the_same_training(pack, setup, tmp_path):
+def test_gradient_checkpointing_gives_the_same_training(pack, setup, tmp_path, monkeypatch):
     plain, plain_lora = _run(pack, setup, tmp_path / "a")
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(fn) or original(fn, *a, **k))
     ckpt, ckpt_lora = _run(pack, setup, tmp_path / "b", gradient_checkpointing=True)
+    monkeypatch.undo()
+    # ComfyUI's UNet calls the layers of each block, not the block: the layers must really be checkpointed.
+    layers = {type(fn.__self__).__name__ for fn in calls}
+    assert {"ResBlock", "SpatialTransformer"} <= layers, layers
     assert plain.loss_history == pytest.approx(ckpt.loss_history, rel=1e-5)
     for key in plain_lora:
         torch.testing.assert_close(plain_lora[key], ckpt_lora[key], rtol=1e-4, atol=1e-6)
     model = setup[0].model.diffusion_model
-    assert all("forward" not in block.__dict__ for block in model.input_blocks), "checkpointing was not undone"
+    units = [m for m in model.modules() if type(m).__name__ in ("ResBlock", "SpatialTransformer")]
+    assert units and all("forward" not in m.__dict__ for m in units), "checkpointing was not undone"
 
 
 def test_bf16_autocast_trains_with_fp32_weights(pack, setup, tmp_path):

@@ -100,13 +100,27 @@ def make_autograd_safe(module: torch.nn.Module) -> int:
 
 def _checkpointed(forward):
     def run(*args, **kwargs):
+        # ComfyUI mutates transformer_options (block ids, indices) in place as the forward goes on; the
+        # recomputation in backward must see the values of this call, so it gets a snapshot.
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
 
 
+def _checkpoint_units(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose forward ComfyUI calls: a UNet block (TimestepEmbedSequential) is never called
+    itself (`forward_timestep_embed` runs its layers one by one), so its parameterised layers are the
+    units; any other block (DiT blocks) is its own unit."""
+    if isinstance(block, torch.nn.Sequential):
+        return [layer for layer in block if any(True for _ in layer.parameters())]
+    return [block]
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Checkpoint every UNet block (input, middle, output) for the duration of the context.
+    """Checkpoint every UNet layer (ResBlocks and transformers of the input, middle and output blocks) for the
+    duration of the context.
 
     The module is shared between ModelPatcher clones, so the original forwards are restored in
     `finally` whatever happens.
@@ -118,9 +132,9 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool) -> I
             if container is None:
                 continue
             blocks = list(container) if isinstance(container, torch.nn.ModuleList) else [container]
-            for block in blocks:
-                block.forward = _checkpointed(block.forward)
-                patched.append(block)
+            for unit in (u for block in blocks for u in _checkpoint_units(block)):
+                unit.forward = _checkpointed(unit.forward)
+                patched.append(unit)
     try:
         yield
     finally:
