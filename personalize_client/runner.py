@@ -66,6 +66,16 @@ def _error_text(data: dict) -> str:
             f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}")
 
 
+def _wait_in_history(client: ComfyClient, prompt_id: str, timeout: float) -> None:
+    """Poll /history until the prompt has an outcome. Used after Ctrl-C: the signal may have cut a websocket
+    frame in half, so the socket can no longer be read."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.history(prompt_id).get("status", {}).get("status_str"):
+            return
+        time.sleep(0.2)
+
+
 def follow(client: ComfyClient, ws, prompt_id: str, bar: ProgressBar | None, timeout: float) -> tuple[str, float | None, str]:
     """Read /ws until the prompt ends; return (status, last loss, error message)."""
     deadline = time.monotonic() + timeout
@@ -132,8 +142,8 @@ def run_prompt(client: ComfyClient, prompt: dict, *, out_dir: Path | None, timeo
         except KeyboardInterrupt:
             client.interrupt(result.prompt_id)
             try:  # wait until the server has stopped it (a training node writes its checkpoint first)
-                follow(client, ws, result.prompt_id, None, 120)
-            except (KeyboardInterrupt, TimeoutError, ServerError):  # a second Ctrl-C leaves at once
+                _wait_in_history(client, result.prompt_id, 120)
+            except KeyboardInterrupt:  # a second Ctrl-C leaves at once
                 pass
             raise
     finally:
