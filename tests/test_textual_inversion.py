@@ -3,6 +3,8 @@ vectors; only the token vectors train; templates and resume are deterministic; b
 import pytest
 import torch
 
+import comfy.model_management
+
 TOKEN = "<sks-cross>"
 
 
@@ -52,6 +54,9 @@ def _table(clip):
 def trained(pack, base, data, tmp_path_factory):
     """One run shared by the tests below (8 steps, captions mode): base state before, the run, the method."""
     model, clip, _ = base
+    # The session's base module is shared: a clone with weight patches that another test left loaded patches it in
+    # place. Unload everything so that "before" holds the unpatched weights.
+    comfy.model_management.unload_all_models()
     before = {"model": {k: v.clone() for k, v in model.model.state_dict().items()},
               "clip": {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()},
               "plain": _encode(clip, f"a photo of {TOKEN}")}
