@@ -185,6 +185,11 @@ class ComfyRuntime:
         import folder_paths
 
         self._point_folders(folder_paths)
+        # Something collected since prepare() may have put this repository (with its own nodes/ package)
+        # ahead of ComfyUI on sys.path: ComfyUI's nodes.py must win `import nodes`.
+        if str(self.comfy_path) in sys.path:
+            sys.path.remove(str(self.comfy_path))
+        sys.path.insert(0, str(self.comfy_path))
         import server
 
         self.stub = StubPromptServer()
