@@ -147,7 +147,10 @@ def run_prompt(client: ComfyClient, prompt: dict, *, out_dir: Path | None, timeo
                 pass
             raise
     finally:
-        ws.close()
+        try:
+            ws.close()
+        except Exception:  # noqa: BLE001  a socket left mid-frame by Ctrl-C must not hide the interrupt
+            pass
         if bar is not None:
             bar.close()
     entry = {}
