@@ -49,7 +49,7 @@ class PersonalizeControlNetDataset(io.ComfyNode):
                 io.Float.Input("low_threshold", default=0.4, min=0.01, max=0.99, step=0.01, tooltip=_LOW),
                 io.Float.Input("high_threshold", default=0.8, min=0.01, max=0.99, step=0.01, tooltip=_HIGH),
                 io.Float.Input("silhouette_threshold", default=0.15, min=0.01, max=1.0, step=0.01, tooltip=_SILHOUETTE),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Seed of random crops."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False, tooltip="Seed of random crops."),
                 io.Boolean.Input("use_cache", default=True, tooltip="Cache latents and caption encodings on disk."),
             ],
             outputs=[Dataset.Output(display_name="dataset", tooltip="Triples for Personalize Train ControlNet, or for any training node's control.")],
@@ -86,7 +86,7 @@ class PersonalizeTrainControlNet(io.ComfyNode):
                 io.Int.Input("steps", default=5000, min=1, max=10_000_000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1.0, step=1e-6, round=False, tooltip="Learning rate (ControlNet and diffusers use 1e-5 for SD)."),
                 io.ControlNet.Input("initial_controlnet", optional=True, tooltip="Continue training this ControlNet (from ControlNetLoader, same base family) instead of a fresh one."),
-                *training_inputs(),
+                *training_inputs("controlnet"),
             ],
             outputs=[
                 io.ControlNet.Output(display_name="control_net", tooltip="The trained ControlNet, for ControlNetApplyAdvanced or Personalize Save ControlNet."),

@@ -77,7 +77,7 @@ class PersonalizeExportTrainingJob(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=10.0, step=1e-6, round=False, tooltip=h["learning_rate"]),
                 io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=10.0, step=1e-6, round=False, tooltip=h["text_encoder_lr"]),
                 io.Int.Input("processes", default=2, min=1, max=64, tooltip="Processes (GPUs) the job is for: each takes batch_size images per step, so the global batch is batch_size x processes. Another process count still runs it (the global batch is split)."),
-                *training_inputs(),
+                *training_inputs("ddp_job"),
                 io.String.Input("artifact_name", default="personalize/ddp_lora", tooltip="File name of the trained artifact inside the method's model folder (loras, hypernetworks, ...)."),
                 io.Combo.Input("save_dtype", options=["fp16", "bf16", "fp32"], default="fp16", tooltip="Precision of the saved artifact."),
             ],

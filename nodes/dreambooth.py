@@ -71,7 +71,7 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
                 io.Boolean.Input("use_ema", default=True, tooltip="With an EMA: the returned and saved model carries the EMA weights; off = the raw trained weights."),
                 io.String.Input("save_name", default="", tooltip="Save a full checkpoint under this name in the checkpoints folder (never overwrites; a number is added); empty = don't save."),
                 io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="model", tooltip="Dtype of the returned and saved weights: model = the base model's own (e.g. fp16), or fp16/bf16/fp32."),
-                *training_inputs(),
+                *training_inputs("dreambooth"),
                 io.Vae.Input("vae", optional=True, tooltip="The checkpoint's VAE: stored in the saved checkpoint (needed when save_name is set)."),
             ],
             outputs=[

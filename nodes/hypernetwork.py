@@ -51,7 +51,7 @@ class PersonalizeTrainHypernetwork(io.ComfyNode):
                 io.Boolean.Input("last_layer_dropout", default=False, tooltip=_help("last_layer_dropout")),
                 io.Boolean.Input("activate_output", default=False, tooltip=_help("activate_output")),
                 io.Combo.Input("weight_init", options=["normal", "xavier", "kaiming"], default="normal", tooltip=_help("weight_init")),
-                *training_inputs(),
+                *training_inputs("hypernetwork"),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained hypernetwork applied."),

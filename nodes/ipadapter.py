@@ -134,7 +134,7 @@ class PersonalizeTrainIPAdapter(io.ComfyNode):
                 io.Float.Input("image_drop", default=0.05, min=0.0, max=1.0, step=0.01, tooltip=_help("image_drop")),
                 io.Float.Input("both_drop", default=0.05, min=0.0, max=1.0, step=0.01, tooltip=_help("both_drop")),
                 io.Combo.Input("crop", options=["center", "none"], default="center", tooltip="How training images reach the image encoder (as stock CLIPVisionEncode)."),
-                *training_inputs(),
+                *training_inputs("ip_adapter"),
             ],
             outputs=[
                 IPAdapter.Output(display_name="ipadapter", tooltip="The trained adapter, for Personalize Apply IP-Adapter or Personalize Save IP-Adapter."),

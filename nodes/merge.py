@@ -88,7 +88,7 @@ class PersonalizeMergeLoRAs(io.ComfyNode):
                 io.Int.Input("rank", default=32, min=0, max=4096, tooltip="Rank of the result for svd/ties/dare (capped per layer at its size); 0 keeps ties/dare full-rank deltas."),
                 io.Float.Input("density", default=0.5, min=0.01, max=1.0, step=0.01, tooltip="ties/dare: fraction of each delta's entries kept."),
                 io.Combo.Input("majority_sign", options=list(SIGN_METHODS), default="total", tooltip="ties/dare_ties: elect each entry's sign by summed value (total) or by count (frequency)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="dare: seed of the random drop masks (per layer)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False, tooltip="dare: seed of the random drop masks (per layer)."),
                 layout_input(),
                 io.Clip.Input("clip", optional=True, tooltip="The base CLIP: needed when the LoRAs patch the text encoder."),
             ],

@@ -80,7 +80,7 @@ class PersonalizeTrainTextualInversion(io.ComfyNode):
                 io.Int.Input("steps", default=2000, min=1, max=1_000_000, tooltip="Optimizer steps (diffusers' recipe: 3000 at batch 4 for SD1.5)."),
                 io.Float.Input("learning_rate", default=5e-3, min=1e-7, max=10.0, step=1e-5, round=False, tooltip="Learning rate of the token vectors (A1111: 0.005; diffusers: 5e-4 x batch size)."),
                 *_token_inputs(vectors=4, captions="object"),
-                *training_inputs(),
+                *training_inputs("embedding"),
             ],
             outputs=[
                 io.Clip.Output(display_name="clip", tooltip="The CLIP that knows the token: write it (or embedding:<token>) in a prompt."),
@@ -168,7 +168,7 @@ class PersonalizeTrainPivotal(io.ComfyNode):
                 io.Boolean.Input("train_text_encoder", default=False, tooltip=_lora_help("train_text_encoder")),
                 io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=10.0, step=1e-6, round=False, tooltip="Learning rate of the text-encoder LoRA (with train_text_encoder)."),
                 *_token_inputs(vectors=2, captions="captions"),
-                *training_inputs(),
+                *training_inputs("pivotal"),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied (as stock LoraLoader applies it)."),

@@ -92,7 +92,7 @@ _COMMON_HELP = {name: help_text(name) for name in (
     "gradient_checkpointing", "seed", "checkpoint_every", "run_name")}
 
 
-def training_inputs() -> list:
+def training_inputs(run_name: str = "lora") -> list:
     """The loop's settings as node inputs, shared by every training node (same order everywhere)."""
     h = _COMMON_HELP
     return [
@@ -107,9 +107,9 @@ def training_inputs() -> list:
         io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, tooltip=h["max_grad_norm"]),
         io.Combo.Input("precision", options=["bf16", "fp16", "fp32"], default="bf16", tooltip=h["precision"]),
         io.Boolean.Input("gradient_checkpointing", default=False, tooltip=h["gradient_checkpointing"]),
-        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip=h["seed"]),
+        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False, tooltip=h["seed"]),
         io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000, tooltip=h["checkpoint_every"]),
-        io.String.Input("run_name", default="lora", tooltip=h["run_name"]),
+        io.String.Input("run_name", default=run_name, tooltip=h["run_name"]),
         io.String.Input("resume", default="", tooltip="Continue a cancelled or finished run: a checkpoint path as reported on cancel, 'latest', or empty for a new run."),
         TrainingControl.Input("control", optional=True, tooltip="Train under a ControlNet (from Personalize Training Control): every batch runs with it applied, the result works without it."),
         Previews.Input("previews", optional=True, tooltip="Validation images every N steps in the node's live view (from Personalize Training Previews)."),

@@ -43,10 +43,10 @@ widgets = {
  "CheckpointLoaderSimple": ["ckpt_name"],
  "PersonalizeDatasetFromFolder": ["folder", "resolution", "buckets", "bucket_step", "min_side", "max_side", "no_upscale", "crop",
      "crop_variants", "flip", "trigger_word", "instance_prompt", "shuffle_tags", "keep_tokens", "tag_dropout", "caption_dropout",
-     "masked_loss", "seed", "control_after_generate", "use_cache", "class_folder", "class_prompt"],
+     "masked_loss", "seed", "use_cache", "class_folder", "class_prompt"],
  "PersonalizeTrainLoRA": ["steps", "learning_rate", "rank", "alpha", "targets", "train_text_encoder", "text_encoder_lr", "dora",
      "batch_size", "grad_accumulation", "optimizer", "lr_scheduler", "warmup_steps", "loss_type", "min_snr_gamma", "noise_offset",
-     "max_grad_norm", "precision", "gradient_checkpointing", "seed", "control_after_generate", "checkpoint_every", "run_name",
+     "max_grad_norm", "precision", "gradient_checkpointing", "seed", "checkpoint_every", "run_name",
      "resume", "initial_lora"],
  "PersonalizeSaveLoRA": ["name", "save_dtype"],
  "CLIPTextEncode": ["text"], "EmptyLatentImage": ["width", "height", "batch_size"],
@@ -144,7 +144,7 @@ def pivotal_examples():
     common = {k: v for k, v in api["3"]["inputs"].items() if k in shared and k != "initial_lora"}
     token_widgets = ["token", "vectors", "init_word", "captions", "trigger_word"]
     train_widgets = ["steps", "learning_rate", "embedding_lr", "embedding_fraction", "rank", "alpha", "targets",
-                     "train_text_encoder", "text_encoder_lr", *token_widgets, *[w for w in shared if w in common or w == "control_after_generate"]]
+                     "train_text_encoder", "text_encoder_lr", *token_widgets, *[w for w in shared if w in common]]
     spec = {
         "1": api["1"], "2": api["2"],
         "3": {"class_type": "PersonalizeTrainPivotal", "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0],

@@ -12,16 +12,29 @@ rank at the next micro step with a resumable checkpoint (exit code 130).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import signal
 import sys
+import types
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EVENT_PREFIX = "PERSONALIZE_EVENT "
 EXIT_CANCELLED = 130
+PACK = "personalize_job_pack"
+
+
+def pack_module(name: str):
+    """A module of the pack, imported under a package name of its own (never as top-level `trainers`,
+    so nothing of the repo can shadow ComfyUI's `nodes`). The pack's `__init__` is not run: it needs the server."""
+    if PACK not in sys.modules:
+        package = types.ModuleType(PACK)
+        package.__path__ = [str(REPO_ROOT)]
+        sys.modules[PACK] = package
+    return importlib.import_module(f"{PACK}.{name}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,8 +55,6 @@ def _setup_comfy(args, document) -> str:
     if not comfy_path or not (Path(comfy_path) / "comfy").is_dir():
         raise SystemExit(f"ComfyUI not found at {comfy_path!r}: pass --comfyui or set COMFYUI_PATH.")
     sys.path.insert(0, str(comfy_path))
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.append(str(REPO_ROOT))
     import torch
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -59,8 +70,8 @@ class JobReporter:
     """The loop's reporter for a job process: JSON event lines from rank 0, and a stop that all ranks agree on."""
 
     def __init__(self, total_steps: int, emit: bool, stop_file: str):
-        from trainers import distributed
-        from trainers.progress import Reporter
+        distributed = pack_module("trainers.distributed")
+        Reporter = pack_module("trainers.progress").Reporter
 
         self._dist = distributed
         self._emit = emit and distributed.is_writer()
@@ -84,8 +95,9 @@ def _checkpoint_folder(document, resume: Path | None) -> Path:
     """Rank 0 picks a fresh run folder (or the resumed run's) and tells the others."""
     import torch.distributed as dist
 
-    from trainers import distributed
-    from trainers.formats.files import safe_stem, unique_path
+    distributed = pack_module("trainers.distributed")
+    safe_stem = pack_module("trainers.formats.files").safe_stem
+    unique_path = pack_module("trainers.formats.files").unique_path
 
     folder = None
     if resume is not None:
@@ -103,8 +115,8 @@ def _checkpoint_folder(document, resume: Path | None) -> Path:
 
 
 def _dataset_spec(spec: dict):
-    from trainers.data.build import DatasetSpec
-    from trainers.data.captions import CaptionOptions
+    DatasetSpec = pack_module("trainers.data.build").DatasetSpec
+    CaptionOptions = pack_module("trainers.data.captions").CaptionOptions
 
     spec = dict(spec)
     spec["captions"] = CaptionOptions(**spec.get("captions", {}))
@@ -116,9 +128,11 @@ def _save_artifact(document, method, job, model, data, steps: int, world_size: i
     """Write the trained artifact (rank 0): kohya LoRA safetensors, A1111 hypernetwork, or tensors."""
     import torch
 
-    from trainers.formats.files import safe_stem, write_new_file
-    from trainers.formats.kohya_lora import base_model_family, kohya_metadata
-    from trainers.formats.safetensors_io import save_new_safetensors
+    safe_stem = pack_module("trainers.formats.files").safe_stem
+    write_new_file = pack_module("trainers.formats.files").write_new_file
+    base_model_family = pack_module("trainers.formats.kohya_lora").base_model_family
+    kohya_metadata = pack_module("trainers.formats.kohya_lora").kohya_metadata
+    save_new_safetensors = pack_module("trainers.formats.safetensors_io").save_new_safetensors
 
     artifact = document["artifact"]
     folder = Path(artifact["folder"])
@@ -148,8 +162,7 @@ def _save_artifact(document, method, job, model, data, steps: int, world_size: i
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(message)s")
-    sys.path.append(str(REPO_ROOT))
-    from trainers.distributed import read_job_document  # pure: no ComfyUI import yet
+    read_job_document = pack_module("trainers.distributed").read_job_document
     try:
         document = read_job_document(args.job)
     except ValueError as exc:
@@ -163,10 +176,11 @@ def main(argv=None) -> int:
     import comfy.sd
     import comfy.utils
 
-    from trainers import distributed, loop
-    from trainers.data.build import build_training_data
-    from trainers.job import TrainJob
-    from trainers.methods import create_method
+    distributed = pack_module("trainers.distributed")
+    loop = pack_module("trainers.loop")
+    build_training_data = pack_module("trainers.data.build").build_training_data
+    TrainJob = pack_module("trainers.job").TrainJob
+    create_method = pack_module("trainers.methods").create_method
 
     ctx = distributed.init_from_env(backend="nccl" if device == "cuda" else "gloo")
     reporter = None

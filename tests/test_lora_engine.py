@@ -97,6 +97,28 @@ def test_cancel_then_resume_equals_one_run(pack, base, data, tmp_path):
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
+def test_a_finished_run_resumed_into_more_steps_follows_the_longer_schedule(pack, base, data, tmp_path):
+    """final.pt of a 4-step linear run (lr ends at 0) resumed into 8 steps: step 5 uses the 8-step schedule's lr."""
+    model, clip, _ = base
+    options = {"rank": 4, "alpha": 4.0}
+    lrs = {}
+
+    class Recorder(pack.progress.Reporter):
+        def step(self, step, loss, lr):
+            lrs[step] = lr
+            super().step(step, loss, lr)
+
+    for steps, resume in ((4, None), (8, tmp_path / "final.pt")):
+        job = pack.job.TrainJob(steps=steps, batch_size=2, learning_rate=1e-3, seed=3, method_options=options,
+                                lr_scheduler="linear")
+        with torch.inference_mode():
+            pack.loop.train(job, pack.methods.create_method("lora", options), model, clip, data,
+                            checkpoint_dir=tmp_path, resume_from=resume, reporter=Recorder(steps))
+    assert lrs[4] == pytest.approx(1e-3 * 0.25)
+    assert lrs[5] == pytest.approx(1e-3 * (1 - 4 / 8))
+    assert lrs[8] == pytest.approx(1e-3 * (1 - 7 / 8))
+
+
 def test_input_model_is_untouched(pack, base, data, tmp_path):
     """A sibling branch using the input MODEL gives the same output before and after training."""
     model, clip, _ = base

@@ -102,6 +102,10 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
             ema.load_state_dict(ema_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The saved lr belongs to the saved run's schedule (0 at the end of a finished linear/cosine run):
+        # a run resumed into more steps continues on its own schedule from the saved step.
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         global_step, loss_history = int(state["global_step"]), list(state["loss_history"])
         log.info("resumed from %s at step %d", resume_from, global_step)
     distributed.broadcast_parameters(trainables)  # data parallel: every rank starts from rank 0's weights
