@@ -201,3 +201,15 @@ def test_a_stop_request_stops_every_rank_with_a_resumable_checkpoint(job_file, t
     assert Path(saved[0]["path"]).is_file()
     assert any(e["type"] == "personalize.cancelled" for e in events)
     assert not any(e["type"] == "personalize.artifact" for e in events)
+
+
+def test_fused_backward_is_refused_across_processes(job_file, tmp_path):
+    """Fused backward steps each weight before the gradient all-reduce: two processes would drift apart."""
+    document = json.loads(job_file.read_text())
+    document["train"]["fused_backward"] = True
+    fused = tmp_path / "fused.json"
+    fused.write_text(json.dumps(document))
+    done, events = run_job(fused, 2, timeout=180)
+    assert done.returncode != 0
+    assert "`fused_backward`" in done.stdout + done.stderr and "multi-process" in done.stdout + done.stderr
+    assert not [e for e in events if e["type"] == "personalize.artifact"]

@@ -64,6 +64,9 @@ def train(job: TrainJob, method: TrainingMethod, model, clip, data: TrainingData
     """
     if len(data) == 0:
         raise ValueError("the dataset is empty: add images to the dataset folder.")
+    if job.fused_backward and distributed.current().enabled:
+        raise ValueError("`fused_backward` steps each weight inside backward, before the data-parallel gradient "
+                         "all-reduce, so the processes would drift apart: turn it off for multi-process training.")
     reporter = reporter or Reporter(job.steps)
     checkpoint_dir = Path(checkpoint_dir)
     with torch.inference_mode(False), torch.enable_grad():
