@@ -247,10 +247,13 @@ def test_pivotal_trains_the_token_for_its_fraction_only(pack, base, data, tmp_pa
                             checkpoint_every=2)
     method = pack.methods.create_method("pivotal", options)
     with torch.inference_mode():
-        pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path)
+        result = pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path)
     halfway = pack.loop.ckpt.load_state(tmp_path / "step_0000002.pt")["method_state"]
     final = method.trainable_state_dict()
     assert torch.equal(halfway["embedding.clip_l"], final["embedding.clip_l"]), "the token trained past its fraction"
+    # Past the fraction the text encoder runs without gradients, once per distinct caption.
+    assert all(p.grad is None for g in result.attached.groups if g.name == "embedding" for p in g.params)
+    assert result.summary["text_encode_calls"] <= 2 * job.batch_size + len(data)
     lora_keys = [k for k in final if k.startswith("lora.") and k.endswith("lora_up.weight")]
     assert lora_keys and any(not torch.equal(halfway[k], final[k]) for k in lora_keys), "the LoRA stopped training"
     exported = method.export()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from .data.dataset import TrainSample, clip_identity, encode_captions
 from .model_runtime import batch_model_conds, encode_sample_conds
 
@@ -43,7 +45,8 @@ class CaptionConditioner:
             if cached is not None:
                 return cached
         self.encode_calls += 1
-        conditioning = encode_captions(self.clip, [caption])[0]
+        with torch.no_grad():  # a frozen (or stopped) text path: no graph to keep in the memo
+            conditioning = encode_captions(self.clip, [caption])[0]
         if key is not None:
             try:
                 self.text_cache.put(key, conditioning)
@@ -61,6 +64,15 @@ class CaptionConditioner:
         conds = self._on_device(encode_sample_conds(self.patcher, conditioning, latent, self.device))
         self._memo[caption] = conds
         return conds
+
+    def stop_text_encoder_training(self) -> None:
+        """The text-encoder groups have stopped: from now on encode once per caption, without gradients.
+        Neither the disk cache nor the dataset's encodes know the trained text path, so both are left out."""
+        if not self.trains_text_encoder:
+            return
+        self.trains_text_encoder = False
+        self.text_cache, self.reuse_dataset_conds = None, False
+        self._memo.clear()
 
     def batch(self, captions: list[str], samples: list[TrainSample], latent) -> dict:
         """Batched model conds (c_crossattn, y, ...) for the captions of one batch."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,11 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                "class_samples": len(data.class_samples), "buckets": len(data.buckets()),
                "trainable_params": sum(p.numel() for p in trainables), **method.describe()}
     log.info("training %s", summary)
+    text_groups = [g for g in attached.groups if g.acts_in_text_encoder]
+    # The step from which no text-path group trains any more (pivotal tuning's embedding fraction, DreamBooth's
+    # text_encoder_fraction): from there the text encoder runs without gradients, once per caption.
+    text_path_stop = (max(math.ceil(g.train_fraction * job.steps) for g in text_groups)
+                      if attached.trains_text_encoder and text_groups else job.steps)
     reporter.bind(attached, conditioner)
     reporter.start(summary)
 
@@ -148,6 +154,8 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
         with gradient_checkpointing(base_model.diffusion_model, job.gradient_checkpointing), \
                 trainable_text_encoder(text_encoder, attached.trains_text_encoder):
             while global_step < job.steps:
+                if global_step >= text_path_stop:
+                    conditioner.stop_text_encoder_training()
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for micro in range(job.grad_accumulation):

@@ -15,6 +15,8 @@ class ParamGroup:
     `role` ("main" or "text_encoder") picks the job's learning rate unless `lr` overrides it;
     `train_fraction` < 1 trains the group only for that first fraction of the steps (e.g. pivotal
     tuning's embeddings, DreamBooth's text encoder), its learning rate being 0 afterwards.
+    `in_text_encoder`: the tensors act inside the text encoder (token embeddings), as a "text_encoder"
+    group's do; once every such group has stopped, the loop encodes captions without gradients.
     """
 
     params: list[torch.nn.Parameter]
@@ -22,6 +24,11 @@ class ParamGroup:
     name: str = ""
     lr: float | None = None
     train_fraction: float = 1.0
+    in_text_encoder: bool = False
+
+    @property
+    def acts_in_text_encoder(self) -> bool:
+        return self.in_text_encoder or self.role == "text_encoder"
 
 
 @dataclass

@@ -195,7 +195,8 @@ class TextualInversionMethod(TrainingMethod):
             self.vectors[key] = torch.nn.Parameter(start.to(device))
         clip = with_words(clip, {cfg.token: dict(self.vectors)})
         clip.personalize_caption_transform = self.training_captions
-        group = ParamGroup(list(self.vectors.values()), "main", "embedding", lr=cfg.lr, train_fraction=cfg.train_fraction)
+        group = ParamGroup(list(self.vectors.values()), "main", "embedding", lr=cfg.lr, train_fraction=cfg.train_fraction,
+                           in_text_encoder=True)
         return Attached(model=model.clone(), clip=clip, groups=[group], trains_text_encoder=True)
 
     def training_captions(self, captions: list[str]) -> list[str]:
