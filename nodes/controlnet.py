@@ -3,17 +3,16 @@ MODEL, saving it where stock `ControlNetLoader` finds it, condition makers, and 
 under a ControlNet (the training nodes' `control` input)."""
 from __future__ import annotations
 
-import folder_paths
 import torch
 
 from ..trainers.data.build import DatasetSpec, build_training_data
 from ..trainers.data.captions import CaptionOptions
 from ..trainers.data.pairs import MAKERS, SOURCES, ConditionSpec, make_condition
 from ..trainers.formats.controlnet import check_family, save_controlnet, unet_dims
-from ..trainers.formats.files import resolve_inside, safe_stem
 from ..trainers.methods import create_method
 from ..trainers.methods.controlnet import TrainingControl as TrainingControlValue
 from ._api import io, ui
+from ._outputs import output_target
 from .dataset import Dataset, resolve_dataset_folder
 from .train import TrainingControl, job_from_inputs, run_training, training_inputs
 
@@ -131,13 +130,11 @@ class PersonalizeSaveControlNet(io.ComfyNode):
         control_model = getattr(control_net, "control_model", None)
         if control_model is None or not hasattr(control_model, "zero_convs"):
             raise ValueError("`control_net` is not a UNet ControlNet (LDM layout); only those can be saved here.")
-        root = folder_paths.get_folder_paths("controlnet")[0]
-        target = resolve_inside(root, safe_stem(name, input_name="name"))
+        out = output_target("controlnet", name)
         dims = unet_dims(control_model.state_dict())
-        path = save_controlnet(control_model, target.parent, target.name, dtype=_DTYPES[precision],
+        path = save_controlnet(control_model, out.target.parent, out.target.name, dtype=_DTYPES[precision],
                                metadata={"personalize.dims": dims})
-        shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {shown}"))
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {out.shown(path)}"))
 
 
 class PersonalizeTrainingControl(io.ComfyNode):

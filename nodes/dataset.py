@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import textwrap
 
+import folder_paths
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import folder_paths
-
 from ..trainers.data.build import DatasetSpec, build_training_data
-from ..trainers.data.captions import CaptionOptions, caption_rng, process_caption
 from ..trainers.data.cache import default_cache_root, model_fingerprint
+from ..trainers.data.captions import CaptionOptions, caption_rng, process_caption
 from ..trainers.data.class_images import class_image_key, generate_class_images
 from ._api import io, ui
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 import folder_paths
+import torch
 
 from ..trainers.formats.checkpoint_file import modelspec_metadata, save_full_checkpoint
 from ..trainers.formats.files import safe_stem

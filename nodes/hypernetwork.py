@@ -5,13 +5,12 @@ import hashlib
 
 import torch
 
-import folder_paths
-
 from ..trainers.checkpoint import load_state
-from ..trainers.formats.files import atomic_output, resolve_inside, safe_stem, write_new_file
+from ..trainers.formats.files import atomic_output, write_new_file
 from ..trainers.methods import create_method
 from ..trainers.methods.hypernetwork import ACTIVATIONS, HypernetworkConfig
 from ._api import io, ui
+from ._outputs import output_target
 from .dataset import Dataset
 from .train import job_from_inputs, run_training, training_inputs
 
@@ -96,12 +95,11 @@ class PersonalizeSaveHypernetwork(io.ComfyNode):
 
     @classmethod
     def execute(cls, hypernetwork, name, checkpoint="") -> io.NodeOutput:
-        root = folder_paths.get_folder_paths("hypernetworks")[0]
-        target = resolve_inside(root, safe_stem(name, input_name="name"))
-        path = write_new_file(target.parent, target.name, ".pt", lambda tmp: torch.save(hypernetwork, tmp))
+        out = output_target("hypernetworks", name)
+        path = write_new_file(out.target.parent, out.target.name, ".pt", lambda tmp: torch.save(hypernetwork, tmp))
         if checkpoint and checkpoint.strip():
             write_a1111_optimizer_state(path, load_state(checkpoint.strip()))
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path.relative_to(root).as_posix() if path.is_relative_to(root) else path}"))
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {out.shown(path)}"))
 
 
 def write_a1111_optimizer_state(hypernetwork_path, state: dict) -> None:

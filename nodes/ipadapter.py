@@ -4,18 +4,17 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import folder_paths
 import torch
 
-import folder_paths
-
 from ..trainers.data.build import build_training_data
-from ..trainers.formats.files import resolve_inside, safe_stem
 from ..trainers.formats.ipadapter import ipadapter_metadata, load_ipadapter_file, save_ipadapter
 from ..trainers.ipadapter.adapter import IPAdapterModel
 from ..trainers.ipadapter.apply import apply_ipadapter, image_features, uncond_features
 from ..trainers.methods import create_method
 from ..trainers.methods.ip_adapter import IPAdapterConfig, add_image_features
 from ._api import io, ui
+from ._outputs import output_target
 from .dataset import Dataset
 from .train import job_from_inputs, run_training, training_inputs
 
@@ -205,12 +204,11 @@ class PersonalizeSaveIPAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, ipadapter, name, save_dtype) -> io.NodeOutput:
         adapter = adapter_from(ipadapter)
-        root = folder_paths.get_folder_paths(FOLDER)[0]
-        target = resolve_inside(root, safe_stem(name, input_name="name"))
+        out = output_target(FOLDER, name)
         meta = ipadapter_metadata(adapter.spec, **getattr(adapter, "training_metadata", {}))
         state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
-        path = save_ipadapter(target.parent, target.name, state, meta, dtype=save_dtype)
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
+        path = save_ipadapter(out.target.parent, out.target.name, state, meta, dtype=save_dtype)
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {out.shown(path)}"))
 
 
 NODES = [PersonalizeLoadIPAdapter, PersonalizeApplyIPAdapter, PersonalizeTrainIPAdapter, PersonalizeSaveIPAdapter]

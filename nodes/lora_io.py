@@ -1,11 +1,9 @@
 """Save a trained LoRA where stock `LoraLoader` finds it."""
 from __future__ import annotations
 
-import folder_paths
-
-from ..trainers.formats.files import resolve_inside, safe_stem
 from ..trainers.formats.safetensors_io import SAVE_DTYPES, save_new_safetensors
 from ._api import io, ui
+from ._outputs import output_target
 
 
 class PersonalizeSaveLoRA(io.ComfyNode):
@@ -28,16 +26,13 @@ class PersonalizeSaveLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, name, save_dtype) -> io.NodeOutput:
-        stem = safe_stem(name, input_name="name")
+        out = output_target("loras", name)
         if not lora:
             raise ValueError("`lora` is empty: connect the lora output of a training node.")
-        loras_root = folder_paths.get_folder_paths("loras")[0]
-        target = resolve_inside(loras_root, stem)
         metadata = dict(getattr(lora, "metadata", {}) or {})
-        metadata.setdefault("ss_output_name", target.name)
-        path = save_new_safetensors(target.parent, target.name, dict(lora), metadata, save_dtype)
-        relative = path.relative_to(loras_root).as_posix() if path.is_relative_to(loras_root) else str(path)
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {relative}"))
+        metadata.setdefault("ss_output_name", out.target.name)
+        path = save_new_safetensors(out.target.parent, out.target.name, dict(lora), metadata, save_dtype)
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {out.shown(path)}"))
 
 
 NODES = [PersonalizeSaveLoRA]

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import folder_paths
 
-from ..trainers.formats.files import resolve_inside, safe_stem
 from ..trainers.formats.lora_convert import LAYOUTS, KeySpace, read_lora_file
 from ..trainers.formats.lora_merge import MERGE_METHODS, SIGN_METHODS, bake_loras, merge_loras
 from ..trainers.formats.lora_svd import report_text
 from ._api import io, ui
+from ._outputs import output_target
 
 LoraList = io.Custom("PERSONALIZE_LORA_LIST")
 
@@ -132,11 +132,10 @@ class PersonalizeBakeLoRAs(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, loras, name) -> io.NodeOutput:
-        root = folder_paths.get_folder_paths("checkpoints")[0]
-        target = resolve_inside(root, safe_stem(name, input_name="name"))
-        path, baked_model, baked_clip = bake_loras(model, clip, vae, lora_list_items(loras), target.parent, target.name)
-        shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-        return io.NodeOutput(baked_model, baked_clip, str(path), ui=ui.PreviewText(f"saved {shown}"))
+        out = output_target("checkpoints", name)
+        path, baked_model, baked_clip = bake_loras(model, clip, vae, lora_list_items(loras), out.target.parent,
+                                                   out.target.name)
+        return io.NodeOutput(baked_model, baked_clip, str(path), ui=ui.PreviewText(f"saved {out.shown(path)}"))
 
 
 NODES = [PersonalizeLoadLoRAFile, PersonalizeLoRAList, PersonalizeMergeLoRAs, PersonalizeBakeLoRAs]

@@ -3,18 +3,18 @@ ComfyUI loads with `embedding:name` in a prompt and with `LoraLoader`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import comfy.sd
-import folder_paths
 
 from ..trainers.formats.embedding import FORMATS, TrainedEmbedding, free_stem, suffix_of, write_embedding
-from ..trainers.formats.files import resolve_inside, safe_stem
 from ..trainers.formats.kohya_lora import LoraStateDict, base_model_family, kohya_metadata
 from ..trainers.formats.safetensors_io import SAVE_DTYPES, save_new_safetensors
 from ..trainers.methods import create_method
 from ..trainers.methods.lora import LoraConfig
 from ..trainers.methods.textual_inversion import MAX_VECTORS, TextualInversionConfig
 from ._api import io, ui
+from ._outputs import OutputTarget, output_target
 from .dataset import Dataset
 from .train import job_from_inputs, run_training, training_inputs
 
@@ -101,14 +101,8 @@ class PersonalizeTrainTextualInversion(io.ComfyNode):
                              {"loss": list(result.loss_history)}, str(result.final_checkpoint))
 
 
-def _embedding_target(name: str):
-    root = folder_paths.get_folder_paths("embeddings")[0]
-    return root, resolve_inside(root, safe_stem(name, input_name="name"))
-
-
-def _prompt_word(root, path) -> str:
-    relative = path.relative_to(root) if path.is_relative_to(root) else path
-    return "embedding:" + relative.with_suffix("").as_posix()
+def _prompt_word(out: OutputTarget, path) -> str:
+    return "embedding:" + out.shown(Path(path).with_suffix(""))
 
 
 class PersonalizeSaveEmbedding(io.ComfyNode):
@@ -136,11 +130,11 @@ class PersonalizeSaveEmbedding(io.ComfyNode):
     def execute(cls, embedding, name, format) -> io.NodeOutput:
         if not isinstance(embedding, TrainedEmbedding):
             raise ValueError("`embedding` must come from a Personalize textual-inversion or pivotal training node.")  # noqa: TRY004 (house rule: ValueError names the input)
-        root, target = _embedding_target(name)
-        suffix = suffix_of(format)
+        out = output_target("embeddings", name)
+        target, suffix = out.target, suffix_of(format)
         path = target.parent / (free_stem([(target.parent, suffix)], target.name) + suffix)
         write_embedding(path, embedding.vectors, format, name=target.name, step=embedding.step, metadata=embedding.metadata)
-        word = _prompt_word(root, path)
+        word = _prompt_word(out, path)
         return io.NodeOutput(str(path), word, ui=ui.PreviewText(f"saved {path.name}: write {word} in a prompt"))
 
 
@@ -229,18 +223,16 @@ class PersonalizeSavePivotal(io.ComfyNode):
     def execute(cls, lora, embedding, name, save_dtype) -> io.NodeOutput:
         if not lora or not isinstance(embedding, TrainedEmbedding):
             raise ValueError("`lora` and `embedding` must come from Personalize Train Pivotal.")
-        stem = safe_stem(name, input_name="name")
-        lora_root = folder_paths.get_folder_paths("loras")[0]
-        lora_target = resolve_inside(lora_root, stem)
-        emb_root, emb_target = _embedding_target(name)
-        free = free_stem([(lora_target.parent, ".safetensors"), (emb_target.parent, ".safetensors")], lora_target.name)
+        lora_out, emb_out = output_target("loras", name), output_target("embeddings", name)
+        free = free_stem([(lora_out.target.parent, ".safetensors"), (emb_out.target.parent, ".safetensors")],
+                         lora_out.target.name)
         metadata = {**dict(getattr(lora, "metadata", {}) or {}), "ss_output_name": free}
-        lora_path = save_new_safetensors(lora_target.parent, free, dict(lora), metadata, save_dtype)
-        emb_path = emb_target.parent / f"{lora_path.stem}.safetensors"
+        lora_path = save_new_safetensors(lora_out.target.parent, free, dict(lora), metadata, save_dtype)
+        emb_path = emb_out.target.parent / f"{lora_path.stem}.safetensors"
         write_embedding(emb_path, embedding.vectors, "safetensors", name=lora_path.stem, step=embedding.step,
                         metadata={**embedding.metadata, "personalize.lora": lora_path.name})
-        lora_name = lora_path.relative_to(lora_root).as_posix() if lora_path.is_relative_to(lora_root) else str(lora_path)
-        word = _prompt_word(emb_root, emb_path)
+        lora_name = lora_out.shown(lora_path)
+        word = _prompt_word(emb_out, emb_path)
         return io.NodeOutput(lora_name, word, ui=ui.PreviewText(f"saved {lora_name} + {emb_path.name}: LoraLoader {lora_name}, prompt {word}"))
 
 

@@ -170,11 +170,10 @@ def main(argv=None) -> int:
         return 2
     device = _setup_comfy(args, document)
 
-    import torch
-
     import comfy.model_management
     import comfy.sd
     import comfy.utils
+    import torch
 
     distributed = pack_module("trainers.distributed")
     loop = pack_module("trainers.loop")

@@ -14,18 +14,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import comfy.model_management
 import torch
 
-import comfy.model_management
-
 from . import checkpoint as ckpt
-from . import distributed, ema as ema_mod, objectives, precision
+from . import distributed, objectives, precision
+from . import ema as ema_mod
 from .conditioning import CaptionConditioner
 from .data.dataset import BatchSampler, TrainingData
 from .job import TrainJob
 from .methods import Attached, TrainingMethod
-from .model_runtime import (Denoiser, gradient_checkpointing, load_for_training, make_autograd_safe,
-                            release_training_model, trainable_text_encoder)
+from .model_runtime import (
+    Denoiser,
+    gradient_checkpointing,
+    load_for_training,
+    make_autograd_safe,
+    release_training_model,
+    trainable_text_encoder,
+)
 from .optim import build_optimizer, build_scheduler
 from .progress import Reporter
 

@@ -6,13 +6,12 @@ import contextlib
 import uuid
 from typing import Iterator
 
-import torch
-import torch.utils.checkpoint
-
 import comfy.conds
 import comfy.model_management
-import comfy.samplers
 import comfy.sampler_helpers
+import comfy.samplers
+import torch
+import torch.utils.checkpoint
 from comfy.ldm.modules.attention import attention_pytorch
 
 

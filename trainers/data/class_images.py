@@ -7,13 +7,12 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 import comfy.model_management
 import comfy.sample
 import comfy.utils
+import numpy as np
+import torch
+from PIL import Image
 
 from ..formats.files import atomic_output
 

@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import comfy.model_base
 import comfy.model_sampling
 import comfy.sd
+import torch
 
 from .files import write_new_file
 from .kohya_lora import base_model_family

@@ -14,9 +14,8 @@ import json
 import time
 from typing import Any
 
-import torch
-
 import comfy.lora
+import torch
 
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
 from .adapter import IPAdapterModel, IPLayer

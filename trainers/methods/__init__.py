@@ -29,9 +29,6 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-from . import controlnet, hypernetwork, lora  # noqa: E402,F401  (they register themselves)
-from . import pivotal, textual_inversion  # noqa: E402,F401
-from . import ip_adapter  # noqa: E402,F401
-from . import dreambooth  # noqa: E402,F401
+from . import controlnet, dreambooth, hypernetwork, ip_adapter, lora, pivotal, textual_inversion  # noqa: E402,F401,I001  (they register themselves)
 
 __all__ = ["Attached", "ParamGroup", "TrainingMethod", "register_method", "create_method", "available_methods"]

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 import comfy.lora
 import comfy.utils
+import torch
 
 from . import Attached, ParamGroup, TrainingMethod, register_method
 

@@ -20,7 +20,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-
 from comfy.weight_adapter import WeightAdapterTrainBase
 
 from ..formats.kohya_lora import check_fits, clip_lora_names, module_names, unet_lora_names
