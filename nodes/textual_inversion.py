@@ -11,7 +11,7 @@ from ..trainers.formats.embedding import FORMATS, TrainedEmbedding, free_stem, s
 from ..trainers.formats.kohya_lora import LoraStateDict, base_model_family, kohya_metadata
 from ..trainers.formats.safetensors_io import SAVE_DTYPES, save_new_safetensors
 from ..trainers.methods import create_method
-from ..trainers.methods.lora import LoraConfig
+from ..trainers.methods.lora import TARGET_PRESETS, LoraConfig
 from ..trainers.methods.textual_inversion import MAX_VECTORS, TextualInversionConfig
 from ._api import io, ui
 from ._outputs import OutputTarget, output_target
@@ -158,7 +158,7 @@ class PersonalizeTrainPivotal(io.ComfyNode):
                 io.Float.Input("embedding_fraction", default=0.5, min=0.01, max=1.0, step=0.01, tooltip="Train the token for this first fraction of the steps, then only the LoRA (diffusers' train_text_encoder_ti_frac, 0.5)."),
                 io.Int.Input("rank", default=16, min=1, max=1024, tooltip=_lora_help("rank")),
                 io.Float.Input("alpha", default=16.0, min=0.01, max=4096.0, step=0.01, tooltip=_lora_help("alpha")),
-                io.Combo.Input("targets", options=["attention_ff", "attention", "all"], default="attention_ff", tooltip=_lora_help("targets")),
+                io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attention_ff", tooltip=_lora_help("targets")),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip=_lora_help("train_text_encoder")),
                 io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=10.0, step=1e-6, round=False, tooltip="Learning rate of the text-encoder LoRA (with train_text_encoder)."),
                 *_token_inputs(vectors=2, captions="captions"),

@@ -16,7 +16,7 @@ from ..trainers.formats.files import safe_stem, unique_path
 from ..trainers.formats.kohya_lora import LoraStateDict, base_model_family, kohya_metadata
 from ..trainers.job import TrainJob, help_text
 from ..trainers.methods import create_method
-from ..trainers.methods.lora import LoraConfig
+from ..trainers.methods.lora import TARGET_PRESETS, LoraConfig
 from ..trainers.progress import Reporter
 from ._api import io
 from ._events import websocket_sender
@@ -173,7 +173,7 @@ class PersonalizeTrainLoRA(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=10.0, step=1e-6, round=False, tooltip=h["learning_rate"]),
                 io.Int.Input("rank", default=16, min=1, max=1024, tooltip=_lora_help("rank")),
                 io.Float.Input("alpha", default=16.0, min=0.01, max=4096.0, step=0.01, tooltip=_lora_help("alpha")),
-                io.Combo.Input("targets", options=["attention_ff", "attention", "all"], default="attention_ff", tooltip=_lora_help("targets")),
+                io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attention_ff", tooltip=_lora_help("targets")),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip=_lora_help("train_text_encoder")),
                 io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=10.0, step=1e-6, round=False, tooltip=h["text_encoder_lr"]),
                 io.Boolean.Input("dora", default=False, tooltip=_lora_help("dora")),

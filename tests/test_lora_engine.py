@@ -131,8 +131,9 @@ def test_input_model_is_untouched(pack, base, data, tmp_path):
     assert torch.equal(before, after)
 
 
-@pytest.mark.parametrize("method", [{}, {"dora": True}, {"targets": "all"}, {"train_text_encoder": True}],
-                         ids=["lora", "dora", "all-layers", "text-encoder"])
+@pytest.mark.parametrize("method", [{}, {"dora": True}, {"targets": "all"}, {"train_text_encoder": True},
+                                    {"targets": "cross_attention_kv"}],
+                         ids=["lora", "dora", "all-layers", "text-encoder", "cross-attention-kv"])
 def test_stock_loader_applies_every_key_and_matches_training(pack, base, data, tmp_path, caplog, method):
     """The exported kohya LoRA loads with ComfyUI's stock loader with no key left over, and the
     loaded model computes what the model computed at the end of training."""
@@ -147,6 +148,8 @@ def test_stock_loader_applies_every_key_and_matches_training(pack, base, data, t
     assert len(loaded) == len({k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in lora})
     if method.get("train_text_encoder"):
         assert any(k.startswith("lora_te_") for k in lora)
+    if method.get("targets") == "cross_attention_kv":
+        assert lora and all(k.split(".")[0].endswith(("_attn2_to_k", "_attn2_to_v")) for k in lora)
 
     latent = data.samples[0].latent[None]
     with torch.inference_mode():

@@ -29,7 +29,6 @@ import world
 from harness import install_model
 from harness import runtime as harness_runtime
 
-WORLD_CHECKPOINT = Path("~/.cache/comfyui-personalize/quality/quality-world-v1-s0.safetensors").expanduser()
 
 
 def judged_mask(image) -> np.ndarray:
@@ -142,7 +141,8 @@ def run(checkpoint: Path, *, train_images: int, eval_images: int, steps: int, le
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=WORLD_CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a world checkpoint (default: pretrain or reuse the cached one)")
     parser.add_argument("--train-images", type=int, default=96)
     parser.add_argument("--eval-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=600)
@@ -158,6 +158,9 @@ def main(argv=None) -> int:
         args.checkpoint, args.steps, args.train_images, args.eval_images, args.sample_steps = (
             cached_tiny_checkpoint("taesd"), 2, 4, 2, 2)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint is None:
+        from pretrain import pretrained_world_checkpoint
+        args.checkpoint = pretrained_world_checkpoint()
     table = run(args.checkpoint, train_images=args.train_images, eval_images=args.eval_images, steps=args.steps,
                 learning_rate=args.learning_rate, batch_size=args.batch_size, sample_steps=args.sample_steps,
                 cfg=args.cfg, out_dir=args.out)

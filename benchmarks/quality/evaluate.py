@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 import time
@@ -53,6 +54,11 @@ class Method:
     class_prompt: str = ""  # prior preservation: class images generated in-graph from this prompt
     class_images: int = 0
     links: dict = field(default_factory=dict)  # extra training-node inputs from the checkpoint loader, e.g. {"vae": 2}
+
+    @property
+    def slug(self) -> str:
+        """The name as a file-name part (tuning labels hold '[', '=' and ',')."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name).strip("_")
 
 
 LORA_DEFAULTS = {
@@ -132,7 +138,7 @@ def method_graph(method: Method, ckpt: str, folder: Path, prompts: dict[str, str
     inputs = dict(method.inputs)
     if steps_override:
         inputs["steps"] = steps_override
-    inputs["run_name"] = f"quality_{method.name}"
+    inputs["run_name"] = f"quality_{method.slug}"
     dataset = {"folder": str(folder), "vae": ["1", 2], "clip": ["1", 1], "resolution": 64, "buckets": False,
                "bucket_step": 64, "min_side": 0, "max_side": 0, "no_upscale": False, "crop": "center", "crop_variants": 1,
                "flip": True, "trigger_word": "", "instance_prompt": "", "shuffle_tags": False, "keep_tokens": 0,
@@ -150,14 +156,14 @@ def method_graph(method: Method, ckpt: str, folder: Path, prompts: dict[str, str
     if method.save_node:
         links = (method.save_input if isinstance(method.save_input, dict) else {method.save_input: method.artifact_output})
         prompt["4"] = {"class_type": method.save_node, "inputs": {**{k: ["3", i] for k, i in links.items()},
-                                                                  "name": f"quality/{method.name}", **method.save_extra}}
+                                                                  "name": f"quality/{method.slug}", **method.save_extra}}
     clip_ref = ["3", method.clip_output] if method.clip_output is not None else ["1", 1]
     save_nodes = {}
     next_id = 10
     for key, text in prompts.items():
         save_nodes[key] = str(next_id + 5)
         next_id = _sampling_branch(prompt, next_id, ["3", 0], clip_ref, ["1", 2], text, counts[key], 1000 + next_id,
-                                   f"quality/{method.name}/{key}", sample_steps, cfg)
+                                   f"quality/{method.slug}/{key}", sample_steps, cfg)
     return prompt, save_nodes
 
 
@@ -195,8 +201,20 @@ def contact_sheet(rows: dict[str, list], path: Path) -> None:
     sheet.save(path)
 
 
+def with_overrides(name: str, overrides: dict) -> Method:
+    """The method with some training-node inputs changed (for tuning runs: `--set learning_rate=1e-4`)."""
+    method = METHODS[name]
+    if not overrides:
+        return method
+    unknown = sorted(set(overrides) - set(method.inputs))
+    if unknown:
+        raise SystemExit(f"--set {unknown}: not inputs of {method.node} (it has {sorted(method.inputs)})")
+    label = name + "[" + ",".join(f"{k}={v}" for k, v in overrides.items()) + "]"
+    return Method(**{**method.__dict__, "name": label, "inputs": {**method.inputs, **overrides}})
+
+
 def run(methods: list[str], checkpoint: Path, *, count: int, base_count: int, steps: int | None, sample_steps: int,
-        cfg: float, out_dir: Path, concept_seed: int = 0, classifier_steps: int = 300) -> dict:
+        cfg: float, out_dir: Path, concept_seed: int = 0, classifier_steps: int = 300, overrides: dict | None = None) -> dict:
     from PIL import Image
     rt = harness_runtime.boot()
     ckpt = install_model(rt.base_dir, "checkpoints", checkpoint, "quality_world.safetensors")
@@ -204,7 +222,8 @@ def run(methods: list[str], checkpoint: Path, *, count: int, base_count: int, st
     world.write_folder(folder, world.concept_images(5, seed=concept_seed))
     table = {}
     for name in methods:
-        method = METHODS[name]
+        method = with_overrides(name, overrides or {})
+        name = method.name
         prompts, expected, counts = {"subject": subject_prompt(identifier=method.identifier)}, {"subject": CONCEPT}, {}
         for colour in RECOLOURS:
             prompts[f"recolour_{colour}"] = subject_prompt(colour, method.identifier)
@@ -233,7 +252,7 @@ def run(methods: list[str], checkpoint: Path, *, count: int, base_count: int, st
         table[name] = row
         print(f"{name}: {row}", flush=True)
         contact_sheet({k: v[:8] for k, v in images.items() if not k.startswith("base_") or k.endswith("_circle")},
-                      out_dir / f"grid_{name}.png")
+                      out_dir / f"grid_{method.slug}.png")
     return table
 
 
@@ -243,9 +262,10 @@ def print_table(table: dict) -> None:
     short = {"subject_fidelity": "subject", "prompt_fidelity": "prompt", "preservation": "preserve",
              "diversity": "diversity", "train_seconds": "train s", "peak_rss_mb": "peak MB", "artifact_mb": "file MB",
              "balanced_acc_real": "rare:real", "balanced_acc_augmented": "rare:+gen"}
-    print(f"{'method':<18}" + "".join(f"{short[c]:>10}" for c in columns))
+    width = max([18, *(len(name) + 2 for name in table)])
+    print(f"{'method':<{width}}" + "".join(f"{short[c]:>10}" for c in columns))
     for name, row in table.items():
-        print(f"{name:<18}" + "".join(f"{row[c]:>10.3f}" for c in columns))
+        print(f"{name:<{width}}" + "".join(f"{row[c]:>10.3f}" for c in columns))
 
 
 def main(argv=None) -> int:
@@ -260,6 +280,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="a world checkpoint (default: pretrain or reuse the cached one)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality" / "results")
     parser.add_argument("--classifier-steps", type=int, default=300, help="training steps of the rare-class classifier")
+    parser.add_argument("--set", action="append", default=[], metavar="INPUT=VALUE",
+                        help="change a training-node input of the methods run (JSON value), e.g. --set learning_rate=1e-4")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 3 steps, 2 samples: checks the pipeline")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -272,11 +294,22 @@ def main(argv=None) -> int:
         from pretrain import pretrained_world_checkpoint
         args.checkpoint = pretrained_world_checkpoint()
     args.out.mkdir(parents=True, exist_ok=True)
+    overrides = {}
+    for item in args.set:
+        key, _, text = item.partition("=")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
     table = run(args.methods, args.checkpoint, count=args.samples, base_count=args.base_samples, steps=args.steps, sample_steps=args.sample_steps,
-                cfg=args.cfg, out_dir=args.out, classifier_steps=args.classifier_steps)
+                cfg=args.cfg, out_dir=args.out, classifier_steps=args.classifier_steps, overrides=overrides)
+    settings = {k: str(v) for k, v in vars(args).items() if k not in ("methods", "set")}
+    results = args.out / "results.json"
+    previous = json.loads(results.read_text()) if results.is_file() else {}
+    if previous.get("settings") == settings:  # same world and sampling: rows of methods run separately add up
+        table = {**previous.get("table", {}), **table}
     print_table(table)
-    (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                                       "table": table}, indent=1))
+    results.write_text(json.dumps({"settings": settings, "table": table}, indent=1))
     print(f"table: {args.out / 'results.json'}; grids: {args.out}/grid_*.png")
     return 0
 

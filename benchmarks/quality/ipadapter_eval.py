@@ -32,7 +32,6 @@ from harness import runtime as harness_runtime  # noqa: E402
 import judge as world_judge  # noqa: E402
 import world  # noqa: E402
 
-WORLD_CHECKPOINT = Path("~/.cache/comfyui-personalize/quality/quality-world-v1-s0.safetensors").expanduser()
 CLIP_VISION_CONFIG = {
     "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 128, "image_size": 64,
     "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 256, "layer_norm_eps": 1e-5,
@@ -153,7 +152,8 @@ def print_table(report: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=WORLD_CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a world checkpoint (default: pretrain or reuse the cached one)")
     parser.add_argument("--variants", nargs="+", default=["base", "plus"], choices=["base", "plus"])
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--steps", type=int, default=600)
@@ -174,6 +174,9 @@ def main(argv=None) -> int:
         args.checkpoint, args.steps, args.samples, args.sample_steps, args.train_images = (
             cached_tiny_checkpoint("taesd"), 3, 2, 2, 12)
         args.novel, args.batch_size = 1, 4
+    if args.checkpoint is None:
+        from pretrain import pretrained_world_checkpoint
+        args.checkpoint = pretrained_world_checkpoint()
     report = run(args)
     print_table(report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ Steps, all through ComfyUI's own classes and loaders:
 1. Render ``n_images`` base-world images (``world.base_dataset``) and a held-out set.
 2. Autoencoder: ComfyUI's ``comfy.taesd.taesd.TAESD`` (what ``comfy.sd.VAE`` builds for
    ``taesd_encoder.*``/``taesd_decoder.*`` keys), trained from scratch on whole 64x64 images for
-   reconstruction (object pixels weighted up), with a penalty that keeps each latent channel near
+   reconstruction (object pixels weighted up) on the base world pooled with ``world.codec_dataset``
+   (every shape, the cross included, in random hues: a general codec, as a real VAE is), then a
+   refinement phase with half of each batch from the codec images, with a penalty that keeps each latent channel near
    zero mean and unit variance. The checkpoint's ``vae_scale``/``vae_shift`` are then set from the latents'
    statistics so that ``VAE.encode`` returns latents in the SD1.5 *raw* scale and
    ``process_latent_in`` (x 0.18215) gives the model ~unit-variance latents, the same contract as
@@ -66,7 +68,7 @@ import judge as world_judge
 import world
 
 # Bump when anything that changes the trained weights changes (recipe, world, defaults).
-VERSION = "v2"  # v2: the autoencoder also learns codec_dataset (every shape, random hues)
+VERSION = "v3"  # v2: the autoencoder also learns codec_dataset (every shape, random hues); v3: + a refinement phase
 LATENT_SCALE = 0.18215  # SD1.5's latent_format.scale_factor (process_latent_in multiplies by it)
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -93,8 +95,14 @@ class PretrainConfig:
     ae_object_weight: float = 3.0  # extra loss weight of object pixels
     ae_stat_weight: float = 0.05  # per-channel (mean^2 + (std - 1)^2) penalty on the latents
     ae_latent_noise: float = 0.05  # N(0, s) added to latents before decoding (robust decoder)
+    # Refinement: both networks go on with half of each batch from codec_dataset. Without it the encoder
+    # folds purple into blue (checked: 0/16 held-out purple crosses decoded purple after the first phase,
+    # 16/16 after 300 refinement steps; decoder-only refinement cannot recover it).
+    ae_refine_steps: int = 800
+    ae_refine_batch: int = 16
+    ae_refine_lr: float = 5e-4
     # UNet
-    unet_steps: int = 900
+    unet_steps: int = 1000
     unet_batch: int = 32
     unet_lr: float = 3e-4
     warmup_steps: int = 25
@@ -216,32 +224,29 @@ def _init_taesd(seed: int):
     return ae
 
 
-def train_autoencoder(images, config: PretrainConfig, seed: int, log=_log):
-    """Train a TAESD on random crops of ``images`` ([n, 3, H, W] in [0, 1]). Returns the module
-    with ``vae_scale``/``vae_shift`` set for the SD1.5 latent contract, and its figures."""
+def _fit_autoencoder(ae, pools, *, steps: int, batch: int, lr_max: float, config: PretrainConfig, gen, tag: str,
+                     log=_log) -> list[float]:
+    """Train ``ae`` (TAESD) for reconstruction; each batch takes an equal share from each of ``pools``
+    ([n, 3, H, W] in [0, 1] each). Returns the reconstruction-MSE curve."""
     import torch
 
-    ae = _init_taesd(seed)
-    ae.to(memory_format=torch.channels_last)
     enc, dec = ae.taesd_encoder, ae.taesd_decoder
     params = list(enc.parameters()) + list(dec.parameters())
-    opt = torch.optim.Adam(params, lr=config.ae_lr)
-    gen = torch.Generator().manual_seed(seed * 1000 + 1)
-    n, _, h, w = images.shape
+    opt = torch.optim.Adam(params, lr=lr_max)
+    _, _, h, w = pools[0].shape
     crop = min(config.ae_crop, h, w)
+    shares = [batch // len(pools) + (1 if i < batch % len(pools) else 0) for i in range(len(pools))]
     t0 = time.perf_counter()
     curve = []
-    for step in range(config.ae_steps):
-        lr = config.ae_lr * _cosine(step, config.ae_steps, warmup=20, final=0.05)
+    for step in range(steps):
+        lr = lr_max * _cosine(step, steps, warmup=20, final=0.05)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(n, (config.ae_batch,), generator=gen)
+        x = torch.cat([pool[torch.randint(len(pool), (share,), generator=gen)] for pool, share in zip(pools, shares)])
         if crop < h or crop < w:
-            ys = torch.randint(h - crop + 1, (config.ae_batch,), generator=gen).tolist()
-            xs = torch.randint(w - crop + 1, (config.ae_batch,), generator=gen).tolist()
-            x = torch.stack([images[i, :, y:y + crop, xx:xx + crop] for i, y, xx in zip(idx.tolist(), ys, xs)])
-        else:
-            x = images[idx]
+            ys = torch.randint(h - crop + 1, (batch,), generator=gen).tolist()
+            xs = torch.randint(w - crop + 1, (batch,), generator=gen).tolist()
+            x = torch.stack([img[:, y:y + crop, xx:xx + crop] for img, y, xx in zip(x, ys, xs)])
         x = x.contiguous(memory_format=torch.channels_last)
         noise = torch.randn((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
@@ -263,16 +268,36 @@ def train_autoencoder(images, config: PretrainConfig, seed: int, log=_log):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         curve.append(float(rec.detach()))
-        if step % 25 == 0 or step == config.ae_steps - 1:
+        if step % 25 == 0 or step == steps - 1:
             recent = sum(curve[-25:]) / len(curve[-25:])
-            log(f"[ae] step {step + 1}/{config.ae_steps} rec {recent:.5f} (~{10 * math.log10(1 / recent):.1f} dB) "
+            log(f"[{tag}] step {step + 1}/{steps} rec {recent:.5f} (~{10 * math.log10(1 / recent):.1f} dB) "
                 f"latent mean {float(mean.detach().abs().mean()):.2f} std {float(std.detach().mean()):.2f} lr {lr:.2e} "
                 f"elapsed {time.perf_counter() - t0:.0f}s")
+    return curve
+
+
+def train_autoencoder(images, codec, config: PretrainConfig, seed: int, log=_log):
+    """Train a TAESD on ``images`` (base world) and ``codec`` (world.codec_dataset), [n, 3, H, W] in
+    [0, 1]: first on both pooled, then the refinement phase with half of each batch from ``codec``.
+    Returns the module with ``vae_scale``/``vae_shift`` set for the SD1.5 latent contract, and its figures."""
+    import torch
+
+    ae = _init_taesd(seed)
+    ae.to(memory_format=torch.channels_last)
+    enc = ae.taesd_encoder
+    gen = torch.Generator().manual_seed(seed * 1000 + 1)
+    t0 = time.perf_counter()
+    pooled = torch.cat([images, codec])
+    curve = _fit_autoencoder(ae, [pooled], steps=config.ae_steps, batch=config.ae_batch, lr_max=config.ae_lr,
+                             config=config, gen=gen, tag="ae", log=log)
+    if config.ae_refine_steps:
+        curve = _fit_autoencoder(ae, [images, codec], steps=config.ae_refine_steps, batch=config.ae_refine_batch,
+                                 lr_max=config.ae_refine_lr, config=config, gen=gen, tag="ae refine", log=log)
     ae.to(memory_format=torch.contiguous_format)
 
     # Latent statistics over whole images -> vae_scale / vae_shift (see module docstring).
     with torch.no_grad():
-        z = torch.cat([enc(images[i:i + 64]) for i in range(0, min(n, 256), 64)])
+        z = torch.cat([enc(images[i:i + 64]) for i in range(0, min(len(images), 256), 64)])
     m, s = float(z.mean()), float(z.std())
     vae_scale = LATENT_SCALE * s
     with torch.no_grad():
@@ -437,7 +462,7 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
     t = time.perf_counter()
     codec = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in
                                        world.codec_dataset(config.n_codec_images, seed=seed)])).permute(0, 3, 1, 2)
-    ae, ae_figures = train_autoencoder(torch.cat([images, codec.float().div_(255.0)]), config, seed, log=log)
+    ae, ae_figures = train_autoencoder(images, codec.float().div_(255.0), config, seed, log=log)
     timings["autoencoder_s"] = time.perf_counter() - t
 
     # 3. Load the tiny checkpoint with this VAE through ComfyUI's loader; measure; encode.

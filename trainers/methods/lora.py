@@ -25,8 +25,10 @@ from comfy.weight_adapter import WeightAdapterTrainBase
 from ..formats.kohya_lora import check_fits, clip_lora_names, module_names, unet_lora_names
 from . import Attached, ParamGroup, TrainingMethod, register_method
 
-TargetPreset = Literal["attention", "attention_ff", "all"]
+TargetPreset = Literal["attention", "attention_ff", "all", "cross_attention_kv"]
+TARGET_PRESETS = ("attention_ff", "attention", "all", "cross_attention_kv")
 
+_CROSS_KV = re.compile(r"\.attn2\.(to_k|to_v)$")
 _ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _TRANSFORMER = re.compile(r"(\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))|\.proj_in|\.proj_out)$")
 _TEXT_ENCODER = re.compile(r"\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
@@ -40,6 +42,8 @@ def unet_target_matches(module_name: str, module: torch.nn.Module, preset: str) 
         return bool(_ATTENTION.search(module_name))
     if preset == "attention_ff":
         return bool(_TRANSFORMER.search(module_name))
+    if preset == "cross_attention_kv":
+        return bool(_CROSS_KV.search(module_name))
     return True  # "all": every linear and conv layer
 
 
@@ -53,7 +57,7 @@ def _branch_capable(module: torch.nn.Module) -> bool:
 class LoraConfig:
     rank: int = field(default=16, metadata={"help": "LoRA rank (network_dim): capacity of the adapter."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the update is scaled by alpha/rank (kohya's network_alpha)."})
-    targets: TargetPreset = field(default="attention_ff", metadata={"help": "Which UNet layers get a LoRA: attention; attention_ff (kohya default: all transformer linears); all (also ResNet convs, LoCon)."})
+    targets: TargetPreset = field(default="attention_ff", metadata={"help": "Which UNet layers get a LoRA: attention; attention_ff (kohya default: all transformer linears); all (also ResNet convs, LoCon); cross_attention_kv (Custom Diffusion: only the text key/value projections, so prompts without the subject change least)."})
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train a LoRA on the text encoder(s), at text_encoder_lr."})
     dora: bool = field(default=False, metadata={"help": "DoRA: learn a per-column magnitude as well (loads in ComfyUI as dora_scale)."})
     initial_weights: dict | None = field(default=None, metadata={"help": "A kohya LoRA state dict to start from (continue training a LoRA)."})
