@@ -1,13 +1,11 @@
 """The headless client (`python -m personalize_client`) against a real ComfyUI server."""
 from __future__ import annotations
 
-import copy
 import json
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

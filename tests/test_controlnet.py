@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from training import cancel_then_resume
 
 
 @pytest.fixture(scope="module")
@@ -152,27 +153,8 @@ def test_conditions_are_cropped_and_flipped_like_their_targets(pack, base, cn, t
 
 
 def test_resume_is_exact(pack, base, data, tmp_path):
-    import comfy.model_management
-
-    class CancelAt2:
-        def __init__(self):
-            self.inner, self.done = pack.progress.Reporter(4), 0
-
-        def interrupted(self):
-            return self.done >= 2
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def step(self, step, loss, lr):
-            self.done = step
-            self.inner.step(step, loss, lr)
-
-    _, whole = _train(pack, base, data, tmp_path / "whole")
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        _train(pack, base, data, tmp_path / "split", reporter=CancelAt2())
-    saved = next((tmp_path / "split").glob("interrupted_step_*.pt"))
-    _, resumed = _train(pack, base, data, tmp_path / "split", resume=saved)
+    (_, whole), (_, resumed) = cancel_then_resume(
+        pack.progress, lambda folder, **kw: _train(pack, base, data, folder, **kw), tmp_path, total=4)
     a, b = whole.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -10,6 +10,7 @@ import comfy.model_management
 import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
+from training import cancel_then_resume
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +61,6 @@ def _denoise(model, clip, latent, prompt, sigma=3.0):
         x = model.model.process_latent_in(latent) + sigma * torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
         model.pre_run()
         return comfy.samplers.calc_cond_batch(model.model, [conds], x, torch.tensor([sigma]), model.model_options)[0]
-
-
-class _CancelAt:
-    def __init__(self, progress, total, step):
-        self.inner, self.step_to_cancel, self.done = progress.Reporter(total), step, 0
-
-    def interrupted(self):
-        return self.done >= self.step_to_cancel
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def step(self, step, loss, lr):
-        self.done = step
-        self.inner.step(step, loss, lr)
 
 
 def test_checkpoint_reloads_in_stock_loader_and_inputs_are_untouched(pack, base, data, db, tmp_path, comfy_runtime):
@@ -129,11 +115,8 @@ def test_prior_preservation_adds_the_weighted_class_loss(pack, base, data, tmp_p
 def test_resume_with_ema_is_exact(pack, base, data, tmp_path):
     """Cancel at step 2 of 4 and resume: weights and EMA equal the uninterrupted run's bit for bit."""
     ema = {"ema_decay": 0.9, "ema_warmup_steps": 2}
-    whole, whole_method = _train(pack, base, data, tmp_path / "whole", **ema)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        _train(pack, base, data, tmp_path / "split", reporter=_CancelAt(pack.progress, 4, 2), **ema)
-    saved = next((tmp_path / "split").glob("interrupted_step_*.pt"))
-    resumed, resumed_method = _train(pack, base, data, tmp_path / "split", resume=saved, **ema)
+    (whole, whole_method), (resumed, resumed_method) = cancel_then_resume(
+        pack.progress, lambda folder, **kw: _train(pack, base, data, folder, **kw, **ema), tmp_path, total=4)
     a, b = whole_method.trainable_state_dict(), resumed_method.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     ema_a, ema_b = whole.ema.named(a), resumed.ema.named(b)

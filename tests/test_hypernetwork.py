@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from training import cancel_then_resume
 
 
 
@@ -73,27 +74,8 @@ def test_loss_falls(pack, base, data, tmp_path):
 
 
 def test_resume_with_dropout_is_exact(pack, base, data, tmp_path):
-    import comfy.model_management
-
-    class CancelAt2:
-        def __init__(self):
-            self.inner, self.done = pack.progress.Reporter(4), 0
-
-        def interrupted(self):
-            return self.done >= 2
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def step(self, step, loss, lr):
-            self.done = step
-            self.inner.step(step, loss, lr)
-
-    _, whole = _train(pack, base, data, tmp_path / "whole")
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        _train(pack, base, data, tmp_path / "split", reporter=CancelAt2())
-    saved = next((tmp_path / "split").glob("interrupted_step_*.pt"))
-    _, resumed = _train(pack, base, data, tmp_path / "split", resume=saved)
+    (_, whole), (_, resumed) = cancel_then_resume(
+        pack.progress, lambda folder, **kw: _train(pack, base, data, folder, **kw), tmp_path, total=4)
     a, b = whole.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

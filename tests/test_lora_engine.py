@@ -11,27 +11,9 @@ import torch
 import comfy.lora
 import comfy.sd
 import comfy.samplers
+from training import cancel_then_resume
 
 STEPS = 6
-
-
-class _CancelAt:
-    """A Reporter that asks for a cancel once `step` optimizer steps are done (as /interrupt does)."""
-
-    def __init__(self, progress, total, step):
-        self.inner = progress.Reporter(total)
-        self.step_to_cancel = step
-        self.done = 0
-
-    def interrupted(self):
-        return self.done >= self.step_to_cancel
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def step(self, step, loss, lr):
-        self.done = step
-        self.inner.step(step, loss, lr)
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +68,8 @@ def test_same_seed_same_weights(pack, base, data, tmp_path):
 
 def test_cancel_then_resume_equals_one_run(pack, base, data, tmp_path):
     """Cancelled at step 2 (checkpoint written), resumed to the end: bit-identical to one run."""
-    import comfy.model_management
-    _, uninterrupted = _train(pack, base, data, tmp_path / "one")
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        _train(pack, base, data, tmp_path / "split", reporter=_CancelAt(pack.progress, STEPS, 2))
-    saved = sorted((tmp_path / "split").glob("interrupted_step_*.pt"))
-    assert [p.name for p in saved] == ["interrupted_step_0000002.pt"]
-    result, resumed = _train(pack, base, data, tmp_path / "split", resume=saved[0])
+    (_, uninterrupted), (result, resumed) = cancel_then_resume(
+        pack.progress, lambda folder, **kw: _train(pack, base, data, folder, **kw), tmp_path, total=STEPS)
     assert result.global_step == STEPS
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 

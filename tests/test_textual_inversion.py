@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import comfy.model_management
+from training import cancel_then_resume
 
 TOKEN = "<sks-cross>"
 
@@ -127,27 +128,8 @@ def test_loss_falls(base, data, trained, ti):
 
 
 def test_resume_is_exact_with_templates(pack, base, data, tmp_path):
-    import comfy.model_management
-
-    class CancelAt2:
-        def __init__(self):
-            self.inner, self.done = pack.progress.Reporter(3), 0
-
-        def interrupted(self):
-            return self.done >= 2
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def step(self, step, loss, lr):
-            self.done = step
-            self.inner.step(step, loss, lr)
-
-    whole_result, whole = _train(pack, base, data, tmp_path / "whole", steps=3)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        _train(pack, base, data, tmp_path / "split", steps=3, reporter=CancelAt2())
-    saved = next((tmp_path / "split").glob("interrupted_step_*.pt"))
-    resumed_result, resumed = _train(pack, base, data, tmp_path / "split", steps=3, resume=saved)
+    (whole_result, whole), (resumed_result, resumed) = cancel_then_resume(
+        pack.progress, lambda folder, **kw: _train(pack, base, data, folder, steps=3, **kw), tmp_path, total=3)
     assert torch.equal(whole.export()["clip_l"], resumed.export()["clip_l"])
     assert whole_result.loss_history == resumed_result.loss_history
 
