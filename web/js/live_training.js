@@ -228,8 +228,7 @@ class LiveView {
 
 const views = new Set();
 
-// ComfyUI can list this folder twice (pyproject's [tool.comfy] web and WEB_DIRECTORY under another
-// folder name): register once.
+// Register once even if the folder is served twice (e.g. the pack installed under two folder names).
 const REGISTERED = Symbol.for("personalize.live_training");
 if (!window[REGISTERED]) {
   window[REGISTERED] = true;
