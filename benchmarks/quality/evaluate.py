@@ -77,6 +77,8 @@ TOKEN = "<sks>"  # textual inversion needs a token the vocabulary does not have
 METHODS = {
     "lora": Method("lora", inputs=dict(LORA_DEFAULTS)),
     "lora_all_layers": Method("lora_all_layers", inputs={**LORA_DEFAULTS, "targets": "all", "learning_rate": 5e-4}),
+    "lora_prior": Method("lora_prior", inputs=dict(LORA_DEFAULTS), class_prompt="a cross", class_images=24),
+    "lora_cross_kv": Method("lora_cross_kv", inputs={**LORA_DEFAULTS, "targets": "cross_attention_kv"}),
     "dora": Method("dora", inputs={**LORA_DEFAULTS, "dora": True}),
     "lora_text_encoder": Method("lora_text_encoder", inputs={**LORA_DEFAULTS, "train_text_encoder": True}),
     "hypernetwork": Method("hypernetwork", node="PersonalizeTrainHypernetwork", clip_output=None, artifact_output=1,
