@@ -100,8 +100,9 @@ def test_train_save_load_apply_with_lora_and_controlnet(comfy_runtime, installed
                                                                     "save_dtype": "fp16"}},
     }
     result = comfy_runtime.run_prompt(train)
-    saved = Path(result["outputs"]["5"]["text"][0].removeprefix("saved "))
-    assert saved.is_file() and saved.parent.parent == comfy_runtime.folder("ipadapter")
+    shown = result["outputs"]["5"]["text"][0].removeprefix("saved ")  # as the loader lists it
+    saved = comfy_runtime.folder("ipadapter") / shown
+    assert shown.startswith("graph/") and saved.is_file()
 
     def apply_graph(weight, prefix):
         return {
