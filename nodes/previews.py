@@ -64,6 +64,11 @@ def _encode(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
+def _stop_if_interrupted(*_) -> None:
+    """Sampler callback: without one, ComfyUI's sampling loop never checks for Cancel."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
 def _to_png(image: torch.Tensor, path) -> None:
     pixels = np.clip(image.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8)
     Image.fromarray(pixels).save(path, format="PNG", compress_level=4)
@@ -140,7 +145,7 @@ class PreviewReporter(Reporter):
         noise = comfy.sample.prepare_noise(latent, s.seed)
         samples = comfy.sample.sample(model, noise, s.sample_steps, s.cfg, s.sampler_name, s.scheduler,
                                       self.conditioning(prompt), self.conditioning(s.negative_prompt), latent,
-                                      disable_pbar=True, seed=s.seed)
+                                      disable_pbar=True, seed=s.seed, callback=_stop_if_interrupted)
         image = s.vae.decode(samples)
         image = image.reshape(-1, *image.shape[-3:])[0]
         path = write_new_file(f"{folder_paths.get_temp_directory()}/{self.subfolder}", f"step_{step:07d}_p{index}", ".png",
