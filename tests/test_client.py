@@ -173,7 +173,10 @@ def test_bad_overrides_are_usage_errors(comfy_server, tiny_checkpoint, dataset):
 def test_ctrl_c_interrupts_the_prompt_on_the_server(comfy_server, tiny_checkpoint, dataset, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "personalize_client", "run", str(LORA_UI), "--server", comfy_server.url,
                              "--out", str(tmp_path), *tiny_sets(tiny_checkpoint, dataset, 500, "client_cancel")],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a suite started in the background (`&`) passes SIGINT on ignored,
+                            # and Python then never raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline, seen = time.monotonic() + 240, []
         for line in proc.stderr:
