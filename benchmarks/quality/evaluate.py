@@ -45,6 +45,7 @@ class Method:
     node: str = "PersonalizeTrainLoRA"
     inputs: dict = field(default_factory=dict)
     clip_output: int | None = 1  # None: sample with the checkpoint's CLIP
+    model_output: int | None = 0  # None: sample with the checkpoint's MODEL (the method trains only the text side)
     artifact_output: int = 2
     save_node: str | None = "PersonalizeSaveLoRA"  # None: the training node saves the artifact itself
     save_input: str | dict = "lora"  # an input name, or {input: training output index} for several
@@ -89,7 +90,7 @@ METHODS = {
                                "learning_rate": 1e-4, "layer_structure": "1, 2, 1", "activation": "linear",
                                "layer_norm": False, "dropout": False, "last_layer_dropout": False,
                                "activate_output": False, "weight_init": "normal"}),
-    "textual_inversion": Method("textual_inversion", node="PersonalizeTrainTextualInversion", clip_output=0,
+    "textual_inversion": Method("textual_inversion", node="PersonalizeTrainTextualInversion", clip_output=0, model_output=None,
                                 artifact_output=1, save_node="PersonalizeSaveEmbedding", save_input="embedding",
                                 save_extra={"format": "safetensors"}, artifact_folder="embeddings", identifier=TOKEN,
                                 inputs={**_LOOP, "steps": 800, "learning_rate": 5e-3, "token": TOKEN, "vectors": 4,
@@ -160,11 +161,12 @@ def method_graph(method: Method, ckpt: str, folder: Path, prompts: dict[str, str
         prompt["4"] = {"class_type": method.save_node, "inputs": {**{k: ["3", i] for k, i in links.items()},
                                                                   "name": f"quality/{method.slug}", **method.save_extra}}
     clip_ref = ["3", method.clip_output] if method.clip_output is not None else ["1", 1]
+    model_ref = ["3", method.model_output] if method.model_output is not None else ["1", 0]
     save_nodes = {}
     next_id = 10
     for key, text in prompts.items():
         save_nodes[key] = str(next_id + 5)
-        next_id = _sampling_branch(prompt, next_id, ["3", 0], clip_ref, ["1", 2], text, counts[key], 1000 + next_id,
+        next_id = _sampling_branch(prompt, next_id, model_ref, clip_ref, ["1", 2], text, counts[key], 1000 + next_id,
                                    f"quality/{method.slug}/{key}", sample_steps, cfg)
     return prompt, save_nodes
 
@@ -243,6 +245,9 @@ def run(methods: list[str], checkpoint: Path, *, count: int, base_count: int, st
         seconds = time.perf_counter() - started
         end = [e["data"] for e in result["events"] if e["type"] == "personalize.end"]
         images = {k: [Image.open(p) for p in rt.image_paths(result, node)] for k, node in save_nodes.items()}
+        missing = {k: f"{len(ims)}/{counts[k]}" for k, ims in images.items() if len(ims) != counts[k]}
+        if missing:
+            raise RuntimeError(f"{name}: the graph returned too few samples {missing}")
         judged = {k: [world_judge.judge(im) for im in ims] for k, ims in images.items()}
         written = {p: size for p, size in _folder_bytes(artifacts).items() if p not in before}
         row = score(judged, expected)
