@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from ..trainers.data.build import DatasetSpec, build_training_data
 from ..trainers.data.cache import default_cache_root, model_fingerprint
 from ..trainers.data.captions import CaptionOptions, caption_rng, process_caption
-from ..trainers.data.class_images import class_image_key, generate_class_images
+from ..trainers.data.class_images import class_image_key, class_prompts, generate_class_images
 from ._api import io, ui
 
 Dataset = io.Custom("PERSONALIZE_DATASET")
@@ -103,7 +103,9 @@ class PersonalizeClassImages(io.ComfyNode):
                 io.Model.Input("model", tooltip="The base MODEL (before training)."),
                 io.Clip.Input("clip", tooltip="The base CLIP."),
                 io.Vae.Input("vae", tooltip="The VAE that decodes the generated latents."),
-                io.String.Input("class_prompt", default="a photo of a dog", tooltip="The class without the identifier, e.g. 'a photo of a dog'."),
+                io.String.Input("class_prompt", default="a photo of a dog", multiline=True,
+                                tooltip="The class without the identifier, e.g. 'a photo of a dog'. Several prompts, one per line: "
+                                        "the images cycle through them (a regularization set of what the model should keep drawing)."),
                 io.String.Input("negative_prompt", default="", tooltip="Negative prompt for generation."),
                 io.Int.Input("count", default=100, min=1, max=10000, tooltip="How many class images (DreamBooth: ~100-200)."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
@@ -121,21 +123,23 @@ class PersonalizeClassImages(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, class_prompt, negative_prompt, count, width, height, steps, cfg, sampler_name,
                 scheduler, seed) -> io.NodeOutput:
-        if not class_prompt.strip():
+        prompts = class_prompts(class_prompt)
+        if not prompts:
             raise ValueError("`class_prompt` is empty: describe the class, e.g. 'a photo of a dog'.")
-        settings = {"prompt": class_prompt, "negative": negative_prompt, "width": width, "height": height,
+        settings = {"prompt": "\n".join(prompts), "negative": negative_prompt, "width": width, "height": height,
                     "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler, "seed": seed,
                     "patches": sorted(model.patches.keys())}
         fingerprint = model_fingerprint(model.model.diffusion_model)
         folder = default_cache_root() / "class_images" / class_image_key(fingerprint, settings)
         import comfy.utils
         bar = comfy.utils.ProgressBar(count)
-        paths = generate_class_images(model, clip, vae, folder, prompt=class_prompt, negative=negative_prompt, count=count,
+        paths = generate_class_images(model, clip, vae, folder, prompt="\n".join(prompts), negative=negative_prompt, count=count,
                                       width=width, height=height, steps=steps, cfg=cfg, sampler_name=sampler_name,
                                       scheduler=scheduler, seed=seed, progress=lambda i, n: bar.update_absolute(i, n))
         preview = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
                                for p in paths[:8]])
-        return io.NodeOutput({"folder": str(folder), "prompt": class_prompt, "count": count}, preview)
+        # Every generated image has its caption file; "prompt" only captions class images that lack one.
+        return io.NodeOutput({"folder": str(folder), "prompt": prompts[0], "count": count}, preview)
 
 
 class PersonalizeDatasetPreview(io.ComfyNode):

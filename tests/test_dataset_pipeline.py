@@ -121,7 +121,7 @@ def test_graph_trains_from_mixed_aspect_folder_with_class_images(comfy_runtime, 
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
         "2": {"class_type": "PersonalizeClassImages", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "class_prompt": "a photo of a cross",
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "class_prompt": "a photo of a cross\n\na photo of a square\n",
             "negative_prompt": "", "count": 3, "width": 64, "height": 64, "steps": 2, "cfg": 1.0,
             "sampler_name": "euler", "scheduler": "normal", "seed": 1}},
         "3": {"class_type": "PersonalizeDatasetFromFolder", "inputs": {
@@ -148,6 +148,12 @@ def test_graph_trains_from_mixed_aspect_folder_with_class_images(comfy_runtime, 
     assert len(steps) == 6 and all(torch.isfinite(torch.tensor(steps)))
     preview = comfy_runtime.image_paths(result, "6")
     assert preview and Image.open(preview[0]).size[0] >= 3 * 96
+    # One prompt per line: the class images cycle through them, each captioned with its own.
+    cache = comfy_runtime.pack_import("trainers.data.cache").default_cache_root() / "class_images"
+    folders = [p.parent for p in cache.glob("*/00001.txt") if p.read_text() == "a photo of a square"]
+    assert len(folders) == 1
+    assert [p.read_text() for p in sorted(folders[0].glob("*.txt"))] == [
+        "a photo of a cross", "a photo of a square", "a photo of a cross"]
 
 
 def test_keep_pixels_gives_each_variant_its_cropped_image(pack, base, tmp_path):

@@ -25,16 +25,26 @@ def class_image_key(model_fp: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def class_prompts(text: str) -> list[str]:
+    """The prompts of a class-prompt text: one per non-empty line."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def generate_class_images(model, clip, vae, folder: Path, *, prompt: str, negative: str, count: int, width: int,
                           height: int, steps: int, cfg: float, sampler_name: str, scheduler: str, seed: int,
                           progress=None) -> list[Path]:
     """Make `count` images in `folder` (one PNG each, `NNNNN.png` + `.txt` caption); reuse those already there.
 
-    Image i uses seed `seed + i`, so a partly filled cache (e.g. after a cancel) is completed with
-    exactly the images a single run would have made.
+    `prompt` may hold several prompts, one per line: image i uses line i mod n (a regularization set
+    of everything the model should keep drawing, not only the subject's class). Image i uses seed
+    `seed + i`, so a partly filled cache (e.g. after a cancel) is completed with exactly the images a
+    single run would have made.
     """
+    prompts = class_prompts(prompt)
+    if not prompts:
+        raise ValueError("the class prompt is empty: describe the class, e.g. 'a photo of a dog'.")
     folder.mkdir(parents=True, exist_ok=True)
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    encoded = {}
     negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
     channels = model.model.latent_format.latent_channels
     paths = []
@@ -45,14 +55,17 @@ def generate_class_images(model, clip, vae, folder: Path, *, prompt: str, negati
         if path.is_file():
             continue
         comfy.model_management.throw_exception_if_processing_interrupted()
+        text = prompts[index % len(prompts)]
+        if text not in encoded:
+            encoded[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         latent = torch.zeros((1, channels, height // 8, width // 8))
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, seed + index)
-        samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative_cond, latent,
+        samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, encoded[text], negative_cond, latent,
                                       seed=seed + index, disable_pbar=True)
         pixels = vae.decode(samples)[0]
         image = Image.fromarray(np.clip(pixels.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8))
-        path.with_suffix(".txt").write_text(prompt, encoding="utf-8")
+        path.with_suffix(".txt").write_text(text, encoding="utf-8")
         with atomic_output(path, overwrite=True) as tmp:  # the PNG appears last: it marks the image done
             image.save(tmp, format="PNG")
         made += 1
