@@ -74,17 +74,24 @@ _LOOP = {k: LORA_DEFAULTS[k] for k in (
     "batch_size", "grad_accumulation", "optimizer", "lr_scheduler", "warmup_steps", "loss_type", "min_snr_gamma",
     "noise_offset", "max_grad_norm", "precision", "gradient_checkpointing", "seed", "checkpoint_every", "run_name", "resume")}
 TOKEN = "<sks>"  # textual inversion needs a token the vocabulary does not have
+# Regularization images (kohya's reg folder, generated in-graph by Personalize Class Images, one prompt per line): the
+# base model's own samples of every base prompt. The world has no class "cross" to preserve, and without them a UNet
+# LoRA learns the subject by shifting the hue of every prompt (red draws green, blue purple: preservation 0.13).
+REGULARIZATION = {"class_prompt": "\n".join(world.caption(shape, colour) for shape, colour in world.base_combos()),
+                  "class_images": 48}
 
 METHODS = {
     "lora": Method("lora", inputs=dict(LORA_DEFAULTS)),
-    "lora_all_layers": Method("lora_all_layers", inputs={**LORA_DEFAULTS, "targets": "all", "learning_rate": 5e-4}),
+    "lora_all_layers": Method("lora_all_layers", inputs={**LORA_DEFAULTS, "targets": "all", "learning_rate": 5e-4},
+                              **REGULARIZATION),
+    "lora_reg": Method("lora_reg", inputs=dict(LORA_DEFAULTS), **REGULARIZATION),
     "lora_prior": Method("lora_prior", inputs=dict(LORA_DEFAULTS), class_prompt="a cross", class_images=24),
     "lora_cross_kv": Method("lora_cross_kv", inputs={**LORA_DEFAULTS, "targets": "cross_attention_kv"}),
-    "dora": Method("dora", inputs={**LORA_DEFAULTS, "dora": True}),
-    "lora_text_encoder": Method("lora_text_encoder", inputs={**LORA_DEFAULTS, "train_text_encoder": True}),
+    "dora": Method("dora", inputs={**LORA_DEFAULTS, "dora": True}, **REGULARIZATION),
+    "lora_text_encoder": Method("lora_text_encoder", inputs={**LORA_DEFAULTS, "train_text_encoder": True}, **REGULARIZATION),
     "hypernetwork": Method("hypernetwork", node="PersonalizeTrainHypernetwork", clip_output=None, artifact_output=1,
                            save_node="PersonalizeSaveHypernetwork", save_input="hypernetwork", save_extra={},
-                           artifact_folder="hypernetworks",
+                           artifact_folder="hypernetworks", **REGULARIZATION,
                            inputs={**{k: v for k, v in LORA_DEFAULTS.items() if k not in (
                                "rank", "alpha", "targets", "train_text_encoder", "text_encoder_lr", "dora", "initial_lora")},
                                "learning_rate": 1e-4, "layer_structure": "1, 2, 1", "activation": "linear",
@@ -111,7 +118,7 @@ METHODS = {
                                  "save_name": "quality/dreambooth", "save_dtype": "fp16"}),
 }
 METHODS["dreambooth_prior"] = Method(**{**METHODS["dreambooth"].__dict__, "name": "dreambooth_prior",
-                                        "class_prompt": "a cross", "class_images": 24,
+                                        **REGULARIZATION,
                                         "inputs": {**METHODS["dreambooth"].inputs, "prior_preservation": True,
                                                    "save_name": "quality/dreambooth_prior"}})
 
