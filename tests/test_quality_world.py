@@ -77,6 +77,17 @@ def test_judge_does_not_name_a_grey_object_or_a_bar():
     assert judge.judge(bar) == ("unknown", "red")
 
 
+def test_judge_does_not_call_a_scribble_with_four_gaps_a_cross():
+    """Four concavities alone are not a cross: a thin-armed plus (arms 1/8 of its extent, solidity ~0.4, the
+    outline of a scribble) is no world cross, whose arms are 1/3 of its extent (solidity 0.71-0.76)."""
+    thin = np.full((64, 64, 3), 240, np.uint8)
+    thin[12:52, 30:35] = (140, 55, 185)
+    thin[29:34, 12:52] = (140, 55, 185)
+    d = judge.describe(thin)
+    assert d["concavities"] == 4 and d["solidity"] < judge.MIN_CROSS_SOLIDITY
+    assert judge.judge(thin) == ("unknown", "purple")
+
+
 def test_captions():
     assert world.caption("circle", "red") == "a red circle"
     assert world.caption("cross", identifier="sks") == "a sks cross"

@@ -43,14 +43,17 @@ def _classifier(seed: int) -> torch.nn.Module:
 
 
 def _train_and_score(pos, neg, test_pos, test_neg, seed: int, steps: int) -> float:
-    x = torch.cat([_tensor(pos), _tensor(neg)])
-    y = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)])
+    x_pos, x_neg = _tensor(pos), _tensor(neg)
+    y = torch.cat([torch.ones(32, dtype=torch.long), torch.zeros(32, dtype=torch.long)])
     model = _classifier(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        index = torch.randint(0, len(x), (64,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(model(x[index]), y[index])
+        # Class-balanced batches (half positives), as rare-class training does: with 5 positives among 400
+        # negatives, uniform batches teach the classifier to answer "negative" (balanced accuracy 0.5).
+        batch = torch.cat([x_pos[torch.randint(0, len(x_pos), (32,), generator=generator)],
+                           x_neg[torch.randint(0, len(x_neg), (32,), generator=generator)]])
+        loss = torch.nn.functional.cross_entropy(model(batch), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

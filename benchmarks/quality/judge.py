@@ -14,7 +14,8 @@ No learned parts, so it cannot drift or be fooled the way a classifier can:
    measures of the hull where possible, so that wobbly or slightly concave edges of generated
    shapes do not change the answer:
    - cross: four separate concavities (the corners between its arms) and low solidity
-     (object area / hull area: ~0.71 for the world's cross, > 0.9 for the convex shapes);
+     (object area / hull area: ~0.71 for the world's cross, > 0.9 for the convex shapes), but not
+     so low that the object is a scribble rather than a cross;
    - triangle: the hull fills about half of its minimum-area (rotation-aware) rectangle
      (circle pi/4, square 1);
    - circle vs square: the hull's isoperimetric quotient 4 pi A / P^2 (circle 1, square pi/4);
@@ -47,6 +48,9 @@ MIN_SATURATION = 0.25
 HUE_BANDS = (("red", 330, 360), ("red", 0, 30), ("yellow", 30, 90), ("green", 90, 180),
              ("blue", 180, 255), ("purple", 255, 330))
 CROSS_SOLIDITY = 0.81  # a cross (with 4 concavities) is below: 5/9 of its hull's 7/9, ~0.71
+# ... and above this: clean crosses measure 0.71-0.76; a scribble with four gaps in its outline measures less
+# (checked: textual-inversion samples of solidity 0.5-0.6 that a bare "4 concavities" rule called crosses).
+MIN_CROSS_SOLIDITY = 0.62
 MIN_CONCAVITY_SHARE = 0.015  # of the hull area, for a concavity to count
 MIN_SOLIDITY = 0.7  # anything less convex (and not a cross) is no world shape
 MAX_ASPECT = 2.0  # of the minimum-area rectangle
@@ -215,7 +219,7 @@ def describe(image) -> dict:
     hull_iso = 4 * math.pi * grown_hull_area / (hull_perimeter + math.pi) ** 2  # grown hull's perimeter
     out.update(area=area, solidity=solidity, rect_fill=fill, hull_fill=hull_fill, hull_iso=hull_iso,
                aspect=aspect, concavities=concavities)
-    if concavities == 4 and solidity < CROSS_SOLIDITY and aspect <= MAX_ASPECT:
+    if concavities == 4 and MIN_CROSS_SOLIDITY <= solidity < CROSS_SOLIDITY and aspect <= MAX_ASPECT:
         out["shape"] = "cross"
     elif solidity < MIN_SOLIDITY or aspect > MAX_ASPECT:
         out["shape"] = UNKNOWN
