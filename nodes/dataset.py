@@ -133,7 +133,7 @@ class PersonalizeClassImages(io.ComfyNode):
         folder = default_cache_root() / "class_images" / class_image_key(fingerprint, settings)
         import comfy.utils
         bar = comfy.utils.ProgressBar(count)
-        paths = generate_class_images(model, clip, vae, folder, prompt="\n".join(prompts), negative=negative_prompt, count=count,
+        paths = generate_class_images(model, clip, vae, folder, prompts=prompts, negative=negative_prompt, count=count,
                                       width=width, height=height, steps=steps, cfg=cfg, sampler_name=sampler_name,
                                       scheduler=scheduler, seed=seed, progress=lambda i, n: bar.update_absolute(i, n))
         preview = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)

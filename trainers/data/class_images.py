@@ -30,19 +30,18 @@ def class_prompts(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def generate_class_images(model, clip, vae, folder: Path, *, prompt: str, negative: str, count: int, width: int,
+def generate_class_images(model, clip, vae, folder: Path, *, prompts: list[str], negative: str, count: int, width: int,
                           height: int, steps: int, cfg: float, sampler_name: str, scheduler: str, seed: int,
                           progress=None) -> list[Path]:
     """Make `count` images in `folder` (one PNG each, `NNNNN.png` + `.txt` caption); reuse those already there.
 
-    `prompt` may hold several prompts, one per line: image i uses line i mod n (a regularization set
-    of everything the model should keep drawing, not only the subject's class). Image i uses seed
+    Image i uses `prompts[i mod n]` (several prompts: a regularization set of everything the model
+    should keep drawing, not only the subject's class; `class_prompts` splits a text into them). Image i uses seed
     `seed + i`, so a partly filled cache (e.g. after a cancel) is completed with exactly the images a
     single run would have made.
     """
-    prompts = class_prompts(prompt)
     if not prompts:
-        raise ValueError("the class prompt is empty: describe the class, e.g. 'a photo of a dog'.")
+        raise ValueError("no class prompt: describe the class, e.g. 'a photo of a dog'.")
     folder.mkdir(parents=True, exist_ok=True)
     encoded = {}
     negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
