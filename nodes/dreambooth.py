@@ -13,7 +13,7 @@ from ..trainers.methods import create_method
 from ..trainers.methods.dreambooth import DreamBoothConfig, check_dataset_fits
 from ._api import io
 from .dataset import Dataset
-from .train import job_from_inputs, run_training, training_inputs
+from .train import job_from_inputs, prior_inputs, run_training, training_inputs
 
 SAVE_DTYPES = {"model": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -57,7 +57,7 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
                 io.Float.Input("learning_rate", default=2e-6, min=1e-9, max=1.0, step=1e-7, round=False, tooltip="UNet learning rate (DreamBooth on SD: 1e-6 to 5e-6)."),
                 io.String.Input("instance_prompt", default="", tooltip="If set, the caption of every instance image, e.g. 'a photo of sks dog' (identifier + class); empty = the dataset's captions."),
                 io.Boolean.Input("prior_preservation", default=True, tooltip="Add the class images' loss (prior preservation) so the class keeps its look; needs class images in the dataset."),
-                io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip=h["prior_loss_weight"]),
+                *prior_inputs(),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip=_help("train_text_encoder")),
                 io.Float.Input("text_encoder_lr", default=1e-6, min=0.0, max=1.0, step=1e-7, round=False, tooltip=h["text_encoder_lr"]),
                 io.Float.Input("text_encoder_fraction", default=0.5, min=0.01, max=1.0, step=0.01, tooltip=_help("text_encoder_fraction")),

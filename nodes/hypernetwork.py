@@ -12,7 +12,7 @@ from ..trainers.methods.hypernetwork import ACTIVATIONS, HypernetworkConfig
 from ._api import io, ui
 from ._outputs import output_target
 from .dataset import Dataset
-from .train import job_from_inputs, run_training, training_inputs
+from .train import job_from_inputs, prior_inputs, run_training, training_inputs
 
 Hypernetwork = io.Custom("PERSONALIZE_HYPERNETWORK")
 
@@ -50,6 +50,7 @@ class PersonalizeTrainHypernetwork(io.ComfyNode):
                 io.Boolean.Input("last_layer_dropout", default=False, tooltip=_help("last_layer_dropout")),
                 io.Boolean.Input("activate_output", default=False, tooltip=_help("activate_output")),
                 io.Combo.Input("weight_init", options=["normal", "xavier", "kaiming"], default="normal", tooltip=_help("weight_init")),
+                *prior_inputs(),
                 *training_inputs("hypernetwork"),
             ],
             outputs=[

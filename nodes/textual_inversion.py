@@ -16,7 +16,7 @@ from ..trainers.methods.textual_inversion import MAX_VECTORS, TextualInversionCo
 from ._api import io, ui
 from ._outputs import OutputTarget, output_target
 from .dataset import Dataset
-from .train import job_from_inputs, run_training, training_inputs
+from .train import job_from_inputs, prior_inputs, run_training, training_inputs
 
 Embedding = io.Custom("PERSONALIZE_EMBEDDING")
 _ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
@@ -162,6 +162,7 @@ class PersonalizeTrainPivotal(io.ComfyNode):
                 io.Boolean.Input("train_text_encoder", default=False, tooltip=_lora_help("train_text_encoder")),
                 io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=10.0, step=1e-6, round=False, tooltip="Learning rate of the text-encoder LoRA (with train_text_encoder)."),
                 *_token_inputs(vectors=2, captions="captions"),
+                *prior_inputs(),
                 *training_inputs("pivotal"),
             ],
             outputs=[

@@ -116,6 +116,14 @@ def training_inputs(run_name: str = "lora") -> list:
     ]
 
 
+def prior_inputs(weight: bool = True) -> list:
+    """How the dataset's class images (prior preservation / regularization) are weighed, for nodes that train the UNet."""
+    weight_input = [io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                                   tooltip=help_text("prior_loss_weight"))] if weight else []
+    return [*weight_input,
+            io.Combo.Input("prior_target", options=["images", "base_model"], default="images", tooltip=help_text("prior_target"))]
+
+
 def run_training(node_id, job: TrainJob, method, model, clip, dataset, resume: str, train_text_encoder: bool = False,
                  control=None, previews=None):
     """Resolve the resume point and run folder, train, and return the loop's result.
@@ -177,6 +185,7 @@ class PersonalizeTrainLoRA(io.ComfyNode):
                 io.Boolean.Input("train_text_encoder", default=False, tooltip=_lora_help("train_text_encoder")),
                 io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=10.0, step=1e-6, round=False, tooltip=h["text_encoder_lr"]),
                 io.Boolean.Input("dora", default=False, tooltip=_lora_help("dora")),
+                *prior_inputs(),
                 *training_inputs(),
                 io.Combo.Input("initial_lora", options=[NO_LORA] + folder_paths.get_filename_list("loras"), default=NO_LORA, tooltip="Start from an existing LoRA file of the loras folder (same rank and targets) instead of from zero."),
             ],

@@ -18,7 +18,7 @@ api = {
        "use_cache": True, "class_folder": "", "class_prompt": ""}},
  "3": {"class_type": "PersonalizeTrainLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0],
        "steps": 500, "learning_rate": 0.0001, "rank": 16, "alpha": 16.0, "targets": "attention_ff", "train_text_encoder": False,
-       "text_encoder_lr": 5e-05, "dora": False, "batch_size": 1, "grad_accumulation": 1, "optimizer": "adamw",
+       "text_encoder_lr": 5e-05, "dora": False, "prior_loss_weight": 1.0, "prior_target": "images", "batch_size": 1, "grad_accumulation": 1, "optimizer": "adamw",
        "lr_scheduler": "constant", "warmup_steps": 0, "loss_type": "mse", "min_snr_gamma": 5.0, "noise_offset": 0.0,
        "max_grad_norm": 1.0, "precision": "bf16", "gradient_checkpointing": False, "seed": 0, "checkpoint_every": 100,
        "run_name": "sks_cross", "resume": "", "initial_lora": "[none]", "previews": ["11", 0]}},
@@ -45,7 +45,7 @@ widgets = {
      "crop_variants", "flip", "trigger_word", "instance_prompt", "shuffle_tags", "keep_tokens", "tag_dropout", "caption_dropout",
      "masked_loss", "seed", "use_cache", "class_folder", "class_prompt"],
  "PersonalizeTrainLoRA": ["steps", "learning_rate", "rank", "alpha", "targets", "train_text_encoder", "text_encoder_lr", "dora",
-     "batch_size", "grad_accumulation", "optimizer", "lr_scheduler", "warmup_steps", "loss_type", "min_snr_gamma", "noise_offset",
+     "prior_loss_weight", "prior_target", "batch_size", "grad_accumulation", "optimizer", "lr_scheduler", "warmup_steps", "loss_type", "min_snr_gamma", "noise_offset",
      "max_grad_norm", "precision", "gradient_checkpointing", "seed", "checkpoint_every", "run_name",
      "resume", "initial_lora"],
  "PersonalizeSaveLoRA": ["name", "save_dtype"],
@@ -144,13 +144,15 @@ def pivotal_examples():
     common = {k: v for k, v in api["3"]["inputs"].items() if k in shared and k != "initial_lora"}
     token_widgets = ["token", "vectors", "init_word", "captions", "trigger_word"]
     train_widgets = ["steps", "learning_rate", "embedding_lr", "embedding_fraction", "rank", "alpha", "targets",
-                     "train_text_encoder", "text_encoder_lr", *token_widgets, *[w for w in shared if w in common]]
+                     "train_text_encoder", "text_encoder_lr", *token_widgets, "prior_loss_weight", "prior_target",
+                     *[w for w in shared if w in common]]
     spec = {
         "1": api["1"], "2": api["2"],
         "3": {"class_type": "PersonalizeTrainPivotal", "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0],
               "steps": 1000, "learning_rate": 1e-4, "embedding_lr": 5e-4, "embedding_fraction": 0.5, "rank": 16, "alpha": 16.0,
               "targets": "attention_ff", "train_text_encoder": False, "text_encoder_lr": 5e-05, "token": "<sks-cross>",
-              "vectors": 2, "init_word": "cross", "captions": "captions", "trigger_word": "", **common, "run_name": "sks_cross_pivotal"}},
+              "vectors": 2, "init_word": "cross", "captions": "captions", "trigger_word": "", "prior_loss_weight": 1.0,
+              "prior_target": "images", **common, "run_name": "sks_cross_pivotal"}},
         "4": {"class_type": "PersonalizeSavePivotal", "inputs": {"lora": ["3", 2], "embedding": ["3", 3], "name": "personalize/sks_cross_pivotal", "save_dtype": "fp16"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of <sks-cross>, in blue", "clip": ["3", 1]}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["3", 1]}},

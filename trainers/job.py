@@ -18,6 +18,7 @@ Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"]
 Precision = Literal["fp32", "bf16", "fp16"]
 WeightDtype = Literal["fp32", "bf16"]
 Rounding = Literal["stochastic", "kahan", "nearest"]
+PriorTarget = Literal["images", "base_model"]
 
 
 def _help(text: str, **kw) -> dict:
@@ -45,6 +46,7 @@ class TrainJob:
     min_snr_gamma: float = field(default=0.0, **_help("Min-SNR-gamma loss weighting (5 is the paper's value); 0 turns it off."))
     noise_offset: float = field(default=0.0, **_help("Noise offset (e.g. 0.05) to learn very dark or bright images."))
     prior_loss_weight: float = field(default=1.0, **_help("Weight of the class-image (prior preservation) loss, when the dataset has class images."))
+    prior_target: PriorTarget = field(default="images", **_help("What the class-image loss pulls towards: images (DreamBooth's prior preservation: the class image itself) or base_model (the base model's own prediction on the same noisy class image, computed with the trained weights bypassed: it penalises only drift from the base, with far less noise; one extra forward pass per class batch)."))
     timestep_range: tuple[float, float] = field(default=(0.0, 1.0), **_help("Fraction of the noise schedule to sample timesteps from (0 = least noise)."))
     precision: Precision = field(default="fp32", **_help("Autocast dtype for the forward pass; trainable weights stay fp32."))
     gradient_checkpointing: bool = field(default=False, **_help("Recompute activations in the backward pass: less memory, ~30% slower."))
@@ -73,7 +75,8 @@ class TrainJob:
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"`timestep_range` must satisfy 0 <= start < end <= 1, got {self.timestep_range}.")
         for name, allowed in (("loss_type", LossType), ("lr_scheduler", Scheduler), ("optimizer", Optimizer), ("precision", Precision),
-                              ("weight_dtype", WeightDtype), ("weight_rounding", Rounding)):
+                              ("weight_dtype", WeightDtype), ("weight_rounding", Rounding),
+                              ("prior_target", PriorTarget)):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"`{name}` must be one of {allowed.__args__}, got {getattr(self, name)!r}.")
         if self.prior_loss_weight < 0:

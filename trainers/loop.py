@@ -127,7 +127,11 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                                      text_cache=text_cache, clip_fp=clip_fp, dataset_clip_key=data.clip_key)
     streams = [_Stream(data.samples, job.batch_size, job.seed, 1.0, data.caption_options)]
     if data.class_samples and job.prior_loss_weight > 0:
-        streams.append(_Stream(data.class_samples, job.batch_size, job.seed + 1, job.prior_loss_weight, None))
+        streams.append(_Stream(data.class_samples, job.batch_size, job.seed + 1, job.prior_loss_weight, None,
+                               base_model_target=job.prior_target == "base_model"))
+    if any(stream.base_model_target for stream in streams):
+        with method.base_behaviour():  # fails now, with the method's reason, rather than at the first class batch
+            pass
     denoiser = Denoiser(patcher)
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[job.precision]) if job.precision in _AUTOCAST
                 else contextlib.nullcontext())
@@ -225,8 +229,12 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
 class _Stream:
     """One source of batches (instance or class images) with its loss weight and caption processing."""
 
-    def __init__(self, samples, batch_size, seed, weight, caption_options):
+    def __init__(self, samples, batch_size, seed, weight, caption_options, base_model_target: bool = False):
         self.samples, self.seed, self.weight = samples, seed, weight
+        # True: the target is the base model's own prediction on the same noisy input (output preservation),
+        # not the sample's noise: zero loss at the start, it penalises only drift from the base, without the
+        # variance of a noise target.
+        self.base_model_target = base_model_target
         self.sampler = BatchSampler([s.bucket for s in samples], batch_size, seed)
         self.caption_options = caption_options
         if caption_options is not None:
@@ -262,11 +270,17 @@ def _stream_loss(stream: _Stream, micro_step, job, method, base_model, model_sam
     noised = distributed.take(noised, part)
     if not samples:
         return distributed.empty_loss(device)
-    model_conds = conditioner.batch(stream.captions(indices, micro_step), samples, samples[0].latent)
+    captions = stream.captions(indices, micro_step)
+    model_conds = conditioner.batch(captions, samples, samples[0].latent)
     extra = method.batch_extra(samples, picks, generator)
     with autocast:
         denoised = denoiser(noised.noisy, noised.sigmas, model_conds, extra)
-    model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), latents, noised.noisy, noised.sigmas)
+    clean = latents
+    if stream.base_model_target:
+        with torch.no_grad(), method.base_behaviour(), autocast:
+            base_conds = conditioner.batch(captions, samples, samples[0].latent)
+            clean = denoiser(noised.noisy, noised.sigmas, base_conds, extra).float()
+    model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), clean, noised.noisy, noised.sigmas)
     masks = None
     if any(s.masks is not None for s in samples):
         masks = torch.stack([s.masks[p] if s.masks is not None else torch.ones(s.bucket[-2:])

@@ -1,7 +1,9 @@
 """The contract every training method implements; the loop knows nothing else about methods."""
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +71,15 @@ class TrainingMethod(ABC):
         the method's own patches (e.g. image embeddings of `sample.extras`); `picks[i]` is the variant of
         `samples[i]` in this batch. Default: nothing."""
         return None
+
+    @contextlib.contextmanager
+    def base_behaviour(self) -> Iterator[None]:
+        """While active, the attached clones compute what the untrained base does (the trained weights are
+        bypassed, nothing is copied): the teacher of the loop's `prior_target`="base_model". A method that
+        cannot bypass its weights raises ValueError."""
+        raise ValueError(f"the {self.name or type(self).__name__} method cannot switch its trained weights off, so "
+                         "`prior_target`='base_model' does not apply to it: use prior_target 'images'.")
+        yield  # pragma: no cover
 
     @abstractmethod
     def export(self) -> Any:

@@ -8,6 +8,8 @@ preservation needs nothing here: the loop adds the class-image stream's loss.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -148,6 +150,24 @@ class DreamBoothMethod(TrainingMethod):
                                      train_fraction=float(cfg.text_encoder_fraction)))
         self.model, self.clip = model, clip
         return Attached(model=model, clip=clip, groups=groups, trains_text_encoder=cfg.train_text_encoder)
+
+    @contextlib.contextmanager
+    def base_behaviour(self) -> Iterator[None]:
+        # While the clone is loaded its module holds the trainable copies and the patcher keeps the originals
+        # aside (object_patches_backup): swapping references back and forth copies no weights.
+        swaps = [(self.model, self.unet)] + ([(self.clip.patcher, self.text_encoder)] if self.text_encoder else [])
+        swapped = []
+        try:
+            for patcher, copies in swaps:
+                for key in copies:
+                    original = patcher.object_patches_backup.get(key)
+                    if original is None:
+                        raise ValueError("the DreamBooth clone is not loaded, so its base weights are not at hand.")
+                    swapped.append((patcher, key, comfy.utils.set_attr(patcher.model, key, original)))
+            yield
+        finally:
+            for patcher, key, trained in reversed(swapped):
+                comfy.utils.set_attr(patcher.model, key, trained)
 
     def _named(self) -> dict[str, torch.nn.Parameter]:
         return {**{"unet." + k: v for k, v in self.unet.items()}, **{"te." + k: v for k, v in self.text_encoder.items()}}

@@ -7,6 +7,8 @@ module stack is rebuilt here in the same order (Linear, activation, LayerNorm, D
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -90,7 +92,7 @@ class HypernetworkPatch:
         self.modules, self.strength = modules, strength
 
     def __call__(self, q, k, v, extra_options):
-        pair = self.modules.get(k.shape[-1])
+        pair = self.modules.get(k.shape[-1]) if self.strength else None
         if pair is not None:
             k = k + pair[0](k.to(pair[0][0].weight.dtype)).to(k.dtype) * self.strength
             v = v + pair[1](v.to(pair[1][0].weight.dtype)).to(v.dtype) * self.strength
@@ -119,6 +121,7 @@ class HypernetworkMethod(TrainingMethod):
         self.config = HypernetworkConfig(**options)
         self.initial_state = initial_state
         self.modules: dict[int, torch.nn.ModuleList] = {}
+        self.patch: HypernetworkPatch | None = None
 
     def attach(self, model, clip, generator):
         model = model.clone()
@@ -129,13 +132,21 @@ class HypernetworkMethod(TrainingMethod):
                         for d in sizes}
         if self.initial_state:
             self.load_trainable_state_dict(self.initial_state)
-        patch = HypernetworkPatch(self.modules)
+        patch = self.patch = HypernetworkPatch(self.modules)
         model.set_model_attn1_patch(patch)
         model.set_model_attn2_patch(patch)
         for pair in self.modules.values():
             pair.train()
         params = [p for pair in self.modules.values() for p in pair.parameters()]
         return Attached(model=model, clip=clip, groups=[ParamGroup(params, "main", "hypernetwork")])
+
+    @contextlib.contextmanager
+    def base_behaviour(self) -> Iterator[None]:
+        strength, self.patch.strength = self.patch.strength, 0.0
+        try:
+            yield
+        finally:
+            self.patch.strength = strength
 
     def trainable_state_dict(self):
         return {f"{dim}.{key}": value.detach().clone() for dim, pair in self.modules.items()

@@ -13,8 +13,10 @@ to the exported kohya file (W + alpha/rank * up@down; DoRA with a per-input-colu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -88,6 +90,7 @@ class LoraDelta(WeightAdapterTrainBase):
         self.lora_down = torch.nn.Parameter(down)
         self.lora_up = torch.nn.Parameter(torch.zeros((out_dim, rank) + (1,) * len(kernel), dtype=torch.float32))
         self.dora_scale = None
+        self.enabled = True  # False: the layer computes its base weight (TrainingMethod.base_behaviour)
         if dora:
             self.dora_scale = torch.nn.Parameter(self._column_norm(weight.float()))
 
@@ -100,6 +103,8 @@ class LoraDelta(WeightAdapterTrainBase):
         return (self.lora_up.flatten(1) @ self.lora_down.flatten(1)).reshape(self.weight_shape) * self.scale
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
         merged = w.float() + self.delta()
         if self.dora_scale is not None:
             merged = merged * (self.dora_scale / (self._column_norm(merged) + torch.finfo(torch.float32).eps))
@@ -119,6 +124,8 @@ class LoraDelta(WeightAdapterTrainBase):
 
         def forward(x, *args, **kwargs):
             out = base_forward(x, *args, **kwargs)
+            if not self.enabled:
+                return out
             return out + (low_rank(x.to(self.lora_down.dtype)) * self.scale).to(out.dtype)
         return forward
 
@@ -188,6 +195,16 @@ class LoraMethod(TrainingMethod):
             check_fits(cfg.initial_weights, model, clip, what="The initial LoRA")
             self.load_trainable_state_dict(cfg.initial_weights, strict=False)
         return Attached(model=model, clip=clip, groups=groups, trains_text_encoder=cfg.train_text_encoder)
+
+    @contextlib.contextmanager
+    def base_behaviour(self) -> Iterator[None]:
+        for delta in self.deltas.values():
+            delta.enabled = False
+        try:
+            yield
+        finally:
+            for delta in self.deltas.values():
+                delta.enabled = True
 
     def trainable_state_dict(self):
         return self.export()

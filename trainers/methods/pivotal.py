@@ -5,6 +5,7 @@ steps (diffusers' `train_text_encoder_ti_frac`), through the loop's per-group lr
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from . import Attached, TrainingMethod, register_method
@@ -36,6 +37,10 @@ class PivotalMethod(TrainingMethod):
         with_token = self.embedding.attach(with_lora.model, with_lora.clip, generator)
         return Attached(model=with_token.model, clip=with_token.clip, groups=with_lora.groups + with_token.groups,
                         trains_text_encoder=True)
+
+    def base_behaviour(self) -> AbstractContextManager[None]:
+        # The token acts only in captions that use it; class captions do not, so the LoRA is all there is to bypass.
+        return self.lora.base_behaviour()
 
     def trainable_state_dict(self):
         return {**{f"lora.{k}": v for k, v in self.lora.trainable_state_dict().items()},

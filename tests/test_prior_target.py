@@ -1,0 +1,100 @@
+"""`prior_target`="base_model": the class-image loss pulls towards the base model's own prediction on the same
+noisy input (output preservation), computed by bypassing the trained weights of the method being trained."""
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
+
+
+@pytest.fixture(scope="module")
+def data(pack, base, tmp_path_factory):
+    """Two 'sks' instance images and four class images of another subject."""
+    from harness import make_sample_dataset
+    folder, class_folder = tmp_path_factory.mktemp("prior-data"), tmp_path_factory.mktemp("prior-class")
+    make_sample_dataset(folder, n=2, size=64, seed=5, subject="sks")
+    make_sample_dataset(class_folder, n=4, size=64, seed=6, subject="a")
+    _, clip, vae = base
+    with torch.inference_mode():
+        spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, buckets=False, use_cache=False,
+                                      class_folder=str(class_folder))
+        return pack.build.build_training_data(spec, vae, clip)[0]
+
+
+METHODS = {
+    "lora": {"rank": 4, "alpha": 4.0},
+    "dreambooth": {"train_text_encoder": False},
+    "hypernetwork": {"layer_structure": [1, 2, 1]},
+}
+
+
+def _train(pack, base, data, tmp_path, method_name, *, steps=1, lr=1e-3, **job):
+    model, clip, _ = base
+    options = METHODS[method_name]
+    job = pack.job.TrainJob(method=method_name, steps=steps, batch_size=2, learning_rate=lr, seed=4,
+                            method_options=options, min_snr_gamma=0.0, **job)
+    method = pack.methods.create_method(method_name, options)
+    with torch.inference_mode():
+        result = pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path, reporter=None)
+    return result, method
+
+
+def _denoise(model, latent, cond, sigma=2.0, load=True):
+    """x0 prediction through the samplers' own path (what KSampler calls); `load=False` computes with the model
+    as it is loaded now, as the training loop does."""
+    with torch.inference_mode():
+        if load:
+            comfy.model_management.load_models_gpu([model])
+        conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(cond),
+                                                  latent, latent.device, "positive")
+        x = model.model.process_latent_in(latent) + sigma * torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        model.pre_run()
+        return comfy.samplers.calc_cond_batch(model.model, [conds], x, torch.tensor([sigma]), model.model_options)[0]
+
+
+@pytest.mark.parametrize("method_name", ["lora", "dreambooth"])
+def test_the_class_loss_starts_at_zero(pack, base, data, tmp_path, method_name):
+    """At step 1 the trained weights still equal the base (LoRA up = 0, DreamBooth copies), so the base-model
+    target adds nothing to the loss, at any weight; with the image target the class loss is clearly there."""
+    only_instance, _ = _train(pack, base, data, tmp_path / "w0", method_name, prior_loss_weight=0.0)
+    to_base, _ = _train(pack, base, data, tmp_path / "base", method_name, prior_loss_weight=3.0,
+                        prior_target="base_model")
+    to_images, _ = _train(pack, base, data, tmp_path / "images", method_name, prior_loss_weight=3.0)
+    assert to_base.loss_history[0] == pytest.approx(only_instance.loss_history[0], abs=1e-6)
+    assert to_images.loss_history[0] > only_instance.loss_history[0] + 1e-3
+
+
+@pytest.mark.parametrize("method_name", ["lora", "hypernetwork", "dreambooth"])
+def test_base_behaviour_computes_the_input_model(pack, base, data, tmp_path, method_name):
+    """After training, the trained clone under `base_behaviour()` denoises exactly as the input MODEL does
+    (the teacher is the base), and outside it differently (it did train); the input MODEL is untouched."""
+    model, _, _ = base
+    latent, cond = data.class_samples[0].latent[None], data.class_samples[0].conditioning
+    expected = _denoise(model, latent, cond)
+    result, method = _train(pack, base, data, tmp_path, method_name, steps=4, lr=1e-2, prior_target="base_model")
+    trained = _denoise(result.attached.model, latent, cond)  # loads the trained clone (DreamBooth swaps weights in)
+    with method.base_behaviour():
+        bypassed = _denoise(result.attached.model, latent, cond, load=False)
+    assert not torch.allclose(trained, expected, atol=1e-5), "training changed nothing"
+    torch.testing.assert_close(bypassed, expected, rtol=0, atol=1e-6)
+    # The bypass is undone on leaving the context.
+    torch.testing.assert_close(_denoise(result.attached.model, latent, cond), trained, rtol=0, atol=1e-6)
+    assert torch.equal(_denoise(model, latent, cond), expected), "the input MODEL changed"
+
+
+def test_a_method_that_cannot_bypass_its_weights_is_refused(pack, base, data, tmp_path):
+    """Textual inversion has no weights to switch off in the UNet: the base-model target is refused before step 1,
+    naming the setting."""
+    model, clip, _ = base
+    options = {"token": "<prior-tok>", "vectors": 1, "init_word": "shape"}
+    job = pack.job.TrainJob(method="textual_inversion", steps=2, batch_size=1, learning_rate=1e-3, seed=0,
+                            method_options=options, prior_target="base_model")
+    method = pack.methods.create_method("textual_inversion", options)
+    with torch.inference_mode(), pytest.raises(ValueError, match="prior_target"):
+        pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path)
+
+
+def test_unknown_prior_target_is_refused(pack):
+    with pytest.raises(ValueError, match="`prior_target`"):
+        pack.job.TrainJob(prior_target="teacher")
