@@ -117,11 +117,13 @@ def training_inputs(run_name: str = "lora") -> list:
 
 
 def prior_inputs(weight: bool = True) -> list:
-    """How the dataset's class images (prior preservation / regularization) are weighed, for nodes that train the UNet."""
-    weight_input = [io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+    """How the dataset's class images (prior preservation / regularization) are weighed, for nodes that train the UNet.
+    Optional, so API-format graphs saved before these inputs existed still validate (the job's defaults apply)."""
+    weight_input = [io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
                                    tooltip=help_text("prior_loss_weight"))] if weight else []
     return [*weight_input,
-            io.Combo.Input("prior_target", options=["images", "base_model"], default="images", tooltip=help_text("prior_target"))]
+            io.Combo.Input("prior_target", options=["images", "base_model"], default="images", optional=True,
+                           tooltip=help_text("prior_target"))]
 
 
 def run_training(node_id, job: TrainJob, method, model, clip, dataset, resume: str, train_text_encoder: bool = False,

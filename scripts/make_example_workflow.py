@@ -45,9 +45,9 @@ widgets = {
      "crop_variants", "flip", "trigger_word", "instance_prompt", "shuffle_tags", "keep_tokens", "tag_dropout", "caption_dropout",
      "masked_loss", "seed", "use_cache", "class_folder", "class_prompt"],
  "PersonalizeTrainLoRA": ["steps", "learning_rate", "rank", "alpha", "targets", "train_text_encoder", "text_encoder_lr", "dora",
-     "prior_loss_weight", "prior_target", "batch_size", "grad_accumulation", "optimizer", "lr_scheduler", "warmup_steps", "loss_type", "min_snr_gamma", "noise_offset",
+     "batch_size", "grad_accumulation", "optimizer", "lr_scheduler", "warmup_steps", "loss_type", "min_snr_gamma", "noise_offset",
      "max_grad_norm", "precision", "gradient_checkpointing", "seed", "checkpoint_every", "run_name",
-     "resume", "initial_lora"],
+     "resume", "initial_lora", "prior_loss_weight", "prior_target"],
  "PersonalizeSaveLoRA": ["name", "save_dtype"],
  "CLIPTextEncode": ["text"], "EmptyLatentImage": ["width", "height", "batch_size"],
  "KSampler": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
@@ -141,11 +141,12 @@ def write_workflow(stem, spec, titles_, widgets_, sockets_in_, sockets_out_, pos
 def pivotal_examples():
     lora_widgets = widgets["PersonalizeTrainLoRA"]
     shared = lora_widgets[lora_widgets.index("batch_size"):]  # training_inputs(), shared by every training node
-    common = {k: v for k, v in api["3"]["inputs"].items() if k in shared and k != "initial_lora"}
+    common = {k: v for k, v in api["3"]["inputs"].items()
+              if k in shared and k not in ("initial_lora", "prior_loss_weight", "prior_target")}
     token_widgets = ["token", "vectors", "init_word", "captions", "trigger_word"]
     train_widgets = ["steps", "learning_rate", "embedding_lr", "embedding_fraction", "rank", "alpha", "targets",
-                     "train_text_encoder", "text_encoder_lr", *token_widgets, "prior_loss_weight", "prior_target",
-                     *[w for w in shared if w in common]]
+                     "train_text_encoder", "text_encoder_lr", *token_widgets, *[w for w in shared if w in common],
+                     "prior_loss_weight", "prior_target"]
     spec = {
         "1": api["1"], "2": api["2"],
         "3": {"class_type": "PersonalizeTrainPivotal", "inputs": {"model": ["1", 0], "clip": ["1", 1], "dataset": ["2", 0],
