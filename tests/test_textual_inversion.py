@@ -328,3 +328,33 @@ def test_pivotal_ui_workflows_are_their_api_twins(comfy_server):
     for stem in ("personalize_pivotal", "personalize_pivotal_load"):
         ui = json.loads((EXAMPLES / f"{stem}.json").read_text())
         assert ui_to_api(ui, comfy_server.object_info()) == json.loads((EXAMPLES / f"{stem}_api.json").read_text())
+
+
+def test_token_free_captions_take_the_frozen_path_once(pack, base, tmp_path):
+    """Pivotal tuning with class images: class captions keep their class prompt (the token rewrite is for instance
+    captions only) and, not using the token, encode once each, without gradients (as the frozen CLIP encodes them),
+    while every instance caption goes through the trained token each step. Before, the token was put into every class
+    caption too, which trained it on the class images and re-encoded them with gradients on every step."""
+    from harness import make_sample_dataset
+    folder, class_folder = tmp_path / "inst", tmp_path / "class"
+    make_sample_dataset(folder, n=2, size=64, seed=3, subject="sks")
+    make_sample_dataset(class_folder, n=4, size=64, seed=4, subject="a")
+    model, clip, vae = base
+    with torch.inference_mode():
+        spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, buckets=False, use_cache=False,
+                                      class_folder=str(class_folder))
+        data = pack.build.build_training_data(spec, vae, clip)[0]
+    assert all(TOKEN not in s.caption for s in data.class_samples)
+    options = {"lora": {"rank": 2, "alpha": 2.0, "targets": "attention"},
+               "embedding": {"token": TOKEN, "vectors": 2, "init_word": "cross", "trigger": "sks"},
+               "embedding_lr": 5e-2, "embedding_fraction": 1.0}
+    steps = 3
+    job = pack.job.TrainJob(method="pivotal", steps=steps, batch_size=2, learning_rate=1e-3, seed=1, method_options=options,
+                            prior_target="base_model")
+    method = pack.methods.create_method("pivotal", options)
+    with torch.inference_mode():
+        result = pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path / "run")
+    distinct_class_captions = len({s.caption for s in data.class_samples})
+    calls = result.summary["text_encode_calls"]
+    assert steps * job.batch_size <= calls <= steps * job.batch_size + distinct_class_captions, calls
+    assert result.attached.trained_words == (TOKEN,)

@@ -17,13 +17,17 @@ class CaptionConditioner:
 
     With a frozen text encoder each distinct caption is encoded once per run (and, with a disk
     cache, once ever): a caption the dataset already encoded with this CLIP is reused as is.
-    A training text encoder is run on every step with gradients and nothing is cached.
+    A training text encoder is run on every step with gradients and nothing is cached, except for captions that
+    do not use the trained words when only new words train (textual inversion, pivotal): those encode as the
+    frozen CLIP does, once.
     """
 
     def __init__(self, patcher, clip, device, *, trains_text_encoder: bool, text_cache=None, clip_fp: str | None = None,
-                 dataset_clip_key=None):
+                 dataset_clip_key=None, trained_words: tuple[str, ...] | None = None):
         self.patcher, self.clip, self.device = patcher, clip, device
         self.trains_text_encoder = trains_text_encoder
+        # Only these new words train (see Attached.trained_words): other captions take the frozen path.
+        self.trained_words = tuple(w.lower() for w in trained_words) if trained_words is not None else None
         self.text_cache, self.clip_fp = text_cache, clip_fp
         self.reuse_dataset_conds = clip is None or dataset_clip_key == clip_identity(clip)
         self._memo: dict[str, dict] = {}
@@ -74,14 +78,24 @@ class CaptionConditioner:
         self.text_cache, self.reuse_dataset_conds = None, False
         self._memo.clear()
 
-    def batch(self, captions: list[str], samples: list[TrainSample], latent) -> dict:
-        """Batched model conds (c_crossattn, y, ...) for the captions of one batch."""
-        if self.caption_transform is not None:
+    def batch(self, captions: list[str], samples: list[TrainSample], latent, rewrite: bool = True) -> dict:
+        """Batched model conds (c_crossattn, y, ...) for the captions of one batch; `rewrite=False` skips the
+        method's caption rewrite (class images keep their class prompt)."""
+        if rewrite and self.caption_transform is not None:
             captions = self.caption_transform(list(captions))
-        if self.trains_text_encoder:
-            self.encode_calls += len(captions)
-            per_sample = [self._on_device(encode_sample_conds(self.patcher, c, latent, self.device))
-                          for c in encode_captions(self.clip, captions)]
-        else:
-            per_sample = [self._sample_conds(c, s, latent) for c, s in zip(captions, samples)]
+        if not self.trains_text_encoder:
+            return batch_model_conds([self._sample_conds(c, s, latent) for c, s in zip(captions, samples)])
+        trained = [self._uses_trained_path(c) for c in captions]
+        to_encode = [c for c, t in zip(captions, trained) if t]
+        self.encode_calls += len(to_encode)
+        encoded = iter(encode_captions(self.clip, to_encode) if to_encode else [])
+        per_sample = [self._on_device(encode_sample_conds(self.patcher, next(encoded), latent, self.device)) if t
+                      else self._sample_conds(c, s, latent) for c, s, t in zip(captions, samples, trained)]
         return batch_model_conds(per_sample)
+
+    def _uses_trained_path(self, caption: str) -> bool:
+        """Whether the caption must go through the training text path (with gradients, every step)."""
+        if self.trained_words is None:
+            return True
+        lowered = caption.lower()
+        return any(word in lowered for word in self.trained_words)

@@ -124,11 +124,12 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     model_sampling = patcher.get_model_object("model_sampling")
     base_model = patcher.model
     conditioner = CaptionConditioner(patcher, attached.clip, device, trains_text_encoder=attached.trains_text_encoder,
-                                     text_cache=text_cache, clip_fp=clip_fp, dataset_clip_key=data.clip_key)
+                                     text_cache=text_cache, clip_fp=clip_fp, dataset_clip_key=data.clip_key,
+                                     trained_words=attached.trained_words)
     streams = [_Stream(data.samples, job.batch_size, job.seed, 1.0, data.caption_options)]
     if data.class_samples and job.prior_loss_weight > 0:
         streams.append(_Stream(data.class_samples, job.batch_size, job.seed + 1, job.prior_loss_weight, None,
-                               base_model_target=job.prior_target == "base_model"))
+                               base_model_target=job.prior_target == "base_model", is_class=True))
     if any(stream.base_model_target for stream in streams):
         with method.base_behaviour():  # fails now, with the method's reason, rather than at the first class batch
             pass
@@ -229,8 +230,11 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
 class _Stream:
     """One source of batches (instance or class images) with its loss weight and caption processing."""
 
-    def __init__(self, samples, batch_size, seed, weight, caption_options, base_model_target: bool = False):
+    def __init__(self, samples, batch_size, seed, weight, caption_options, base_model_target: bool = False,
+                 is_class: bool = False):
         self.samples, self.seed, self.weight = samples, seed, weight
+        # Class images keep their class captions: a method's caption rewrite (the new token) is for instance images only.
+        self.is_class = is_class
         # True: the target is the base model's own prediction on the same noisy input (output preservation),
         # not the sample's noise: zero loss at the start, it penalises only drift from the base, without the
         # variance of a noise target.
@@ -271,14 +275,14 @@ def _stream_loss(stream: _Stream, micro_step, job, method, base_model, model_sam
     if not samples:
         return distributed.empty_loss(device)
     captions = stream.captions(indices, micro_step)
-    model_conds = conditioner.batch(captions, samples, samples[0].latent)
+    model_conds = conditioner.batch(captions, samples, samples[0].latent, rewrite=not stream.is_class)
     extra = method.batch_extra(samples, picks, generator)
     with autocast:
         denoised = denoiser(noised.noisy, noised.sigmas, model_conds, extra)
     clean = latents
     if stream.base_model_target:
         with torch.no_grad(), method.base_behaviour(), autocast:
-            base_conds = conditioner.batch(captions, samples, samples[0].latent)
+            base_conds = conditioner.batch(captions, samples, samples[0].latent, rewrite=not stream.is_class)
             clean = denoiser(noised.noisy, noised.sigmas, base_conds, extra).float()
     model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), clean, noised.noisy, noised.sigmas)
     masks = None

@@ -41,6 +41,9 @@ class Attached:
     clip: Any | None
     groups: list[ParamGroup] = field(default_factory=list)
     trains_text_encoder: bool = False
+    # When the text path trains nothing but these new words (textual inversion, pivotal without a text-encoder LoRA):
+    # captions without them encode exactly as the frozen CLIP does, so they are encoded once, without gradients.
+    trained_words: tuple[str, ...] | None = None
 
 
 class TrainingMethod(ABC):

@@ -36,7 +36,8 @@ class PivotalMethod(TrainingMethod):
         with_lora = self.lora.attach(model, clip, generator)
         with_token = self.embedding.attach(with_lora.model, with_lora.clip, generator)
         return Attached(model=with_token.model, clip=with_token.clip, groups=with_lora.groups + with_token.groups,
-                        trains_text_encoder=True)
+                        trains_text_encoder=True,
+                        trained_words=None if with_lora.trains_text_encoder else with_token.trained_words)
 
     def base_behaviour(self) -> AbstractContextManager[None]:
         # The token acts only in captions that use it; class captions do not, so the LoRA is all there is to bypass.

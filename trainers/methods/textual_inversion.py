@@ -197,7 +197,8 @@ class TextualInversionMethod(TrainingMethod):
         clip.personalize_caption_transform = self.training_captions
         group = ParamGroup(list(self.vectors.values()), "main", "embedding", lr=cfg.lr, train_fraction=cfg.train_fraction,
                            in_text_encoder=True)
-        return Attached(model=model.clone(), clip=clip, groups=[group], trains_text_encoder=True)
+        return Attached(model=model.clone(), clip=clip, groups=[group], trains_text_encoder=True,
+                        trained_words=(cfg.token,))
 
     def training_captions(self, captions: list[str]) -> list[str]:
         """The prompts a batch trains on. Templates are drawn from the global RNG, which the loop seeds
