@@ -6,11 +6,8 @@ import json
 import pytest
 import torch
 
-import comfy.model_management
 import comfy.sample
-import comfy.sampler_helpers
-import comfy.samplers
-from training import cancel_then_resume
+from training import cancel_then_resume, denoise_x0
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +52,7 @@ def _denoise(model, clip, latent, prompt, sigma=3.0):
     """x0 prediction through the samplers' own path (what KSampler calls)."""
     with torch.inference_mode():
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        comfy.model_management.load_models_gpu([model])
-        conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(cond),
-                                                  latent, latent.device, "positive")
-        x = model.model.process_latent_in(latent) + sigma * torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-        model.pre_run()
-        return comfy.samplers.calc_cond_batch(model.model, [conds], x, torch.tensor([sigma]), model.model_options)[0]
+    return denoise_x0(model, cond, latent, sigma)
 
 
 def test_checkpoint_reloads_in_stock_loader_and_inputs_are_untouched(pack, base, data, db, tmp_path, comfy_runtime):

@@ -2,24 +2,13 @@
 noisy input (output preservation), computed by bypassing the trained weights of the method being trained."""
 import pytest
 import torch
-
-import comfy.model_management
-import comfy.sampler_helpers
-import comfy.samplers
+from training import dataset_with_class_images, denoise_x0
 
 
 @pytest.fixture(scope="module")
 def data(pack, base, tmp_path_factory):
     """Two 'sks' instance images and four class images of another subject."""
-    from harness import make_sample_dataset
-    folder, class_folder = tmp_path_factory.mktemp("prior-data"), tmp_path_factory.mktemp("prior-class")
-    make_sample_dataset(folder, n=2, size=64, seed=5, subject="sks")
-    make_sample_dataset(class_folder, n=4, size=64, seed=6, subject="a")
-    _, clip, vae = base
-    with torch.inference_mode():
-        spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, buckets=False, use_cache=False,
-                                      class_folder=str(class_folder))
-        return pack.build.build_training_data(spec, vae, clip)[0]
+    return dataset_with_class_images(pack, base, tmp_path_factory.mktemp("prior-data"))
 
 
 METHODS = {
@@ -40,17 +29,8 @@ def _train(pack, base, data, tmp_path, method_name, *, steps=1, lr=1e-3, **job):
     return result, method
 
 
-def _denoise(model, latent, cond, sigma=2.0, load=True):
-    """x0 prediction through the samplers' own path (what KSampler calls); `load=False` computes with the model
-    as it is loaded now, as the training loop does."""
-    with torch.inference_mode():
-        if load:
-            comfy.model_management.load_models_gpu([model])
-        conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(cond),
-                                                  latent, latent.device, "positive")
-        x = model.model.process_latent_in(latent) + sigma * torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-        model.pre_run()
-        return comfy.samplers.calc_cond_batch(model.model, [conds], x, torch.tensor([sigma]), model.model_options)[0]
+def _denoise(model, latent, cond, load=True):
+    return denoise_x0(model, cond, latent, sigma=2.0, load=load)
 
 
 @pytest.mark.parametrize("method_name", ["lora", "dreambooth"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import comfy.model_management
-from training import cancel_then_resume
+from training import cancel_then_resume, dataset_with_class_images
 
 TOKEN = "<sks-cross>"
 
@@ -335,15 +335,8 @@ def test_token_free_captions_take_the_frozen_path_once(pack, base, tmp_path):
     captions only) and, not using the token, encode once each, without gradients (as the frozen CLIP encodes them),
     while every instance caption goes through the trained token each step. Before, the token was put into every class
     caption too, which trained it on the class images and re-encoded them with gradients on every step."""
-    from harness import make_sample_dataset
-    folder, class_folder = tmp_path / "inst", tmp_path / "class"
-    make_sample_dataset(folder, n=2, size=64, seed=3, subject="sks")
-    make_sample_dataset(class_folder, n=4, size=64, seed=4, subject="a")
-    model, clip, vae = base
-    with torch.inference_mode():
-        spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, buckets=False, use_cache=False,
-                                      class_folder=str(class_folder))
-        data = pack.build.build_training_data(spec, vae, clip)[0]
+    model, clip, _ = base
+    data = dataset_with_class_images(pack, base, tmp_path / "data", seed=3)
     assert all(TOKEN not in s.caption for s in data.class_samples)
     options = {"lora": {"rank": 2, "alpha": 2.0, "targets": "attention"},
                "embedding": {"token": TOKEN, "vectors": 2, "init_word": "cross", "trigger": "sks"},

@@ -35,3 +35,37 @@ def cancel_then_resume(progress, train: Callable[..., Any], folder: Path, *, tot
     saved = sorted((folder / "split").glob("interrupted_step_*.pt"))
     assert [p.name for p in saved] == [f"interrupted_step_{at:07d}.pt"]
     return whole, train(folder / "split", resume=saved[0])
+
+
+def dataset_with_class_images(pack, base, folder: Path, *, instances: int = 2, classes: int = 4, seed: int = 5):
+    """Training data of `instances` 'sks' images plus `classes` class images of another subject (prior preservation),
+    encoded with the tiny checkpoint's VAE and CLIP."""
+    import torch
+    from harness import make_sample_dataset
+
+    folder = Path(folder)
+    make_sample_dataset(folder / "instance", n=instances, size=64, seed=seed, subject="sks")
+    make_sample_dataset(folder / "class", n=classes, size=64, seed=seed + 1, subject="a")
+    _, clip, vae = base
+    with torch.inference_mode():
+        spec = pack.build.DatasetSpec(folder=str(folder / "instance"), resolution=64, buckets=False, use_cache=False,
+                                      class_folder=str(folder / "class"))
+        return pack.build.build_training_data(spec, vae, clip)[0]
+
+
+def denoise_x0(model, cond, latent, sigma: float = 3.0, load: bool = True):
+    """x0 prediction of a MODEL through the samplers' own path (what KSampler calls), at a fixed noise draw;
+    `load=False` computes with the model as it is loaded now, as the training loop does."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+    import torch
+
+    with torch.inference_mode():
+        if load:
+            comfy.model_management.load_models_gpu([model])
+        conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(cond),
+                                                  latent, latent.device, "positive")
+        x = model.model.process_latent_in(latent) + sigma * torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        model.pre_run()
+        return comfy.samplers.calc_cond_batch(model.model, [conds], x, torch.tensor([sigma]), model.model_options)[0]
