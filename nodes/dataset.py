@@ -66,6 +66,7 @@ class PersonalizeDatasetFromFolder(io.ComfyNode):
                 ClassImages.Input("class_images", optional=True, tooltip="Class images for prior preservation, from Personalize Class Images."),
                 io.String.Input("class_folder", default="", optional=True, tooltip="Or a folder of existing class images (captions: .txt files, else class_prompt)."),
                 io.String.Input("class_prompt", default="", optional=True, tooltip="Caption of class images without a caption file (e.g. 'a photo of a dog')."),
+                io.Boolean.Input("caption_choices", default=True, optional=True, tooltip=_caption_help("caption_choices")),
             ],
             outputs=[Dataset.Output(display_name="dataset", tooltip="The encoded training set, for a Personalize training node.")],
         )
@@ -74,7 +75,7 @@ class PersonalizeDatasetFromFolder(io.ComfyNode):
     def execute(cls, folder, vae, clip, resolution, buckets, bucket_step, min_side, max_side, no_upscale, crop,
                 crop_variants, flip, trigger_word, instance_prompt, shuffle_tags, keep_tokens, tag_dropout,
                 caption_dropout, masked_loss, seed, use_cache, class_images=None, class_folder="",
-                class_prompt="") -> io.NodeOutput:
+                class_prompt="", caption_choices=True) -> io.NodeOutput:
         if class_images is not None:
             class_folder, class_prompt = class_images["folder"], class_images["prompt"]
         spec = DatasetSpec(
@@ -83,7 +84,7 @@ class PersonalizeDatasetFromFolder(io.ComfyNode):
             crop_variants=crop_variants, flip=flip, trigger_word=trigger_word, instance_prompt=instance_prompt,
             masked_loss=masked_loss, seed=seed, use_cache=use_cache,
             captions=CaptionOptions(shuffle_tags=shuffle_tags, keep_tokens=keep_tokens, tag_dropout=tag_dropout,
-                                    caption_dropout=caption_dropout),
+                                    caption_dropout=caption_dropout, caption_choices=caption_choices),
             class_folder=resolve_dataset_folder(class_folder) if class_folder and class_folder.strip() else None,
             class_prompt=class_prompt)
         data, _ = build_training_data(spec, vae, clip)
@@ -183,9 +184,12 @@ def preview_grid(dataset, vae, max_images: int, tile: int, epoch: int, seed: int
         image.thumbnail((tile, tile))
         x, y = (index % columns) * tile, (index // columns) * (tile + caption_h)
         canvas.paste(image, (x + (tile - image.width) // 2, y + (tile - image.height) // 2))
-        caption = sample.caption
-        if dataset.caption_options is not None and index < len(dataset.samples):
-            caption = process_caption(caption, dataset.caption_options, caption_rng(seed, epoch, index)) or "(empty: caption dropout)"
+        caption, options = sample.caption, dataset.caption_options
+        if options is not None and index < len(dataset.samples):
+            caption = process_caption(caption, options, caption_rng(seed, epoch, index)) or "(empty: caption dropout)"
+        elif options is not None:  # class images: caption choices only, drawn like the training loop's class stream
+            caption = process_caption(caption, CaptionOptions(caption_choices=options.caption_choices),
+                                      caption_rng(seed + 1, epoch, index - len(dataset.samples)))
         label = f"{bucket[0]}x{bucket[1]}: {caption}"
         for line_no, line in enumerate(textwrap.wrap(label, width=max(8, tile // 7))[:3]):
             draw.text((x + 4, y + tile + 2 + 15 * line_no), line, fill=(230, 230, 230))

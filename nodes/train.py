@@ -75,10 +75,14 @@ def _initial_lora(name: str) -> dict | None:
     return comfy.utils.load_torch_file(path, safe_load=True)
 
 
+def _captions(dataset):
+    return [s.caption for s in [*getattr(dataset, "samples", ()), *(getattr(dataset, "class_samples", None) or ())]]
+
+
 def _caption_variant_cache(dataset, clip, train_text_encoder: bool):
     """The on-disk text cache for per-step caption variants (shuffle/dropout), when they occur."""
     options = getattr(dataset, "caption_options", None)
-    if clip is None or train_text_encoder or options is None or is_identity(options):
+    if clip is None or train_text_encoder or options is None or is_identity(options, _captions(dataset)):
         return None, None
     try:
         return TextEncodingCache(default_cache_root()), clip_fingerprint(clip)

@@ -130,7 +130,8 @@ def test_empty_caption(captions):
 
 
 def test_whitespace_and_empty_tags_are_normalised_when_processing(captions):
-    options = _opts(captions, shuffle_tags=True, keep_tokens=2)
+    # With caption choices off a line break is whitespace inside the tag list (on, lines are alternatives).
+    options = _opts(captions, shuffle_tags=True, keep_tokens=2, caption_choices=False)
     out = captions.process_caption("  sks ,dog,, \tgrass  ,\n park ", options, random.Random(5))
     parts = _split(out)
     assert parts[:2] == ["sks", "dog"]
@@ -186,3 +187,39 @@ def test_help_texts_for_tooltips(captions):
         assert len(f.metadata["help"]) > 20
         assert captions.CaptionOptions.help(f.name) == f.metadata["help"]
     assert captions.CaptionOptions(tag_dropout=1).tag_dropout == 1.0
+
+
+MULTI = "a sks cross\n\n  a purple sks cross  \n{big|small|tiny} sks cross\n"
+
+
+def test_caption_choices_pick_one_line_and_one_option_per_group(captions):
+    """A caption of several lines is alternatives (one line per draw, blank lines ignored); each {a|b|c}
+    picks one option; braces without '|' stay as written (kohya's enable_wildcard, OneTrainer's files)."""
+    options = _opts(captions)
+    assert captions.has_choices(MULTI) and captions.has_choices("a {red|blue} ball")
+    assert not captions.has_choices("a {literal} ball\n") and not captions.has_choices(CAPTION)
+    draws = [captions.process_caption(MULTI, options, captions.caption_rng(0, 0, i)) for i in range(600)]
+    counts = {text: draws.count(text) for text in set(draws)}
+    assert set(counts) == {"a sks cross", "a purple sks cross", "big sks cross", "small sks cross", "tiny sks cross"}
+    assert 150 < counts["a sks cross"] < 250 and 150 < counts["a purple sks cross"] < 250  # one line in three
+    assert 40 < counts["tiny sks cross"] < 100  # one line in three, then one option in three
+    assert captions.process_caption("a {literal} ball", options, random.Random(0)) == "a {literal} ball"
+    assert captions.process_caption("{red | blue} {ball|cube}", options, random.Random(3)) in {
+        "red ball", "red cube", "blue ball", "blue cube"}
+
+
+def test_caption_choices_then_tags_and_identity(captions):
+    """Choices come before tag processing (a chosen option may hold tags); with choices off the caption is
+    used as written; is_identity looks at the captions themselves."""
+    options = _opts(captions, shuffle_tags=True, keep_tokens=1)
+    for i in range(40):
+        drawn = captions.process_caption("sks, {red, shiny|blue}, ball", options, captions.caption_rng(1, 0, i))
+        tags = _split(drawn)
+        assert tags[0] == "sks" and sorted(tags[1:]) in (["ball", "red", "shiny"], ["ball", "blue"])
+    off = _opts(captions, caption_choices=False)
+    assert captions.process_caption(MULTI, off, random.Random(0)) == MULTI
+    assert captions.is_identity(_opts(captions), [CAPTION, "a {literal}"])
+    assert not captions.is_identity(_opts(captions), [CAPTION, MULTI])
+    assert captions.is_identity(off, [CAPTION, MULTI])
+    with pytest.raises(ValueError, match="`caption_choices`"):
+        captions.CaptionOptions(caption_choices="yes")

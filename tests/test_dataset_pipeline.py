@@ -173,3 +173,35 @@ def test_keep_pixels_gives_each_variant_its_cropped_image(pack, base, tmp_path):
         assert pixels[0].shape == (h * 8, w * 8, 3) and 0.0 <= float(pixels[0].min()) <= float(pixels[0].max()) <= 1.0
         torch.testing.assert_close(pixels[1], pixels[0].flip(1))
     assert all(s.extras == {} for s in plain.samples)
+
+
+def test_caption_choices_train_on_one_line_at_a_time(pack, base, tmp_path):
+    """A caption file of several lines (and {a|b} groups): the dataset does not encode it as written, the
+    trigger word reaches every line, and training encodes exactly the single-line variants."""
+    model, clip, vae = base
+    folder = _mixed_folder(tmp_path / "data")
+    for i in range(6):
+        (folder / f"img{i}.txt").write_text("a sks cross\n\na purple cross\n{big|small} sks cross\n")
+    spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, bucket_step=16, trigger_word="sks",
+                                  use_cache=False)
+    tokenizer = clip.tokenizer  # shared by the clones the loop makes
+    seen = []
+    original = tokenizer.tokenize_with_weights
+
+    def recording(text, *args, **kwargs):
+        seen.append(text)
+        return original(text, *args, **kwargs)
+
+    tokenizer.tokenize_with_weights = recording
+    try:
+        with torch.inference_mode():
+            data, _ = pack.build.build_training_data(spec, vae, clip)
+        assert seen == []  # nothing encoded as written
+        assert data.samples[0].caption == "a sks cross\nsks, a purple cross\n{big|small} sks cross"
+        job = pack.job.TrainJob(steps=20, batch_size=2, learning_rate=1e-3, seed=0, method_options={"rank": 2, "alpha": 2.0})
+        method = pack.methods.create_method("lora", job.method_options)
+        with torch.inference_mode():
+            pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path / "run")
+    finally:
+        del tokenizer.tokenize_with_weights
+    assert set(seen) == {"a sks cross", "sks, a purple cross", "big sks cross", "small sks cross"}

@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from . import distributed, objectives, precision
 from . import ema as ema_mod
 from .conditioning import CaptionConditioner
+from .data.captions import CaptionOptions, caption_rng, is_identity, process_caption
 from .data.dataset import BatchSampler, TrainingData
 from .job import TrainJob
 from .methods import Attached, TrainingMethod
@@ -128,7 +129,10 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                                      trained_words=attached.trained_words)
     streams = [_Stream(data.samples, job.batch_size, job.seed, 1.0, data.caption_options)]
     if data.class_samples and job.prior_loss_weight > 0:
-        streams.append(_Stream(data.class_samples, job.batch_size, job.seed + 1, job.prior_loss_weight, None,
+        # Class captions get the caption choices (one line of several) but never shuffle or dropout.
+        class_captions = (CaptionOptions(caption_choices=data.caption_options.caption_choices)
+                          if data.caption_options is not None else None)
+        streams.append(_Stream(data.class_samples, job.batch_size, job.seed + 1, job.prior_loss_weight, class_captions,
                                base_model_target=job.prior_target == "base_model", is_class=True))
     if any(stream.base_model_target for stream in streams):
         with method.base_behaviour():  # fails now, with the method's reason, rather than at the first class batch
@@ -241,15 +245,12 @@ class _Stream:
         self.base_model_target = base_model_target
         self.sampler = BatchSampler([s.bucket for s in samples], batch_size, seed)
         self.caption_options = caption_options
-        if caption_options is not None:
-            from .data.captions import is_identity
-            if is_identity(caption_options):
-                self.caption_options = None
+        if caption_options is not None and is_identity(caption_options, (s.caption for s in samples)):
+            self.caption_options = None
 
     def captions(self, indices: list[int], micro_step: int) -> list[str]:
         if self.caption_options is None:
             return [self.samples[i].caption for i in indices]
-        from .data.captions import caption_rng, process_caption
         epoch = self.sampler.epoch_of(micro_step)
         return [process_caption(self.samples[i].caption, self.caption_options, caption_rng(self.seed, epoch, i))
                 for i in indices]

@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -136,18 +137,19 @@ METHODS["dreambooth_prior"] = Method(**{**METHODS["dreambooth"].__dict__, "name"
                                                    "save_name": "quality/dreambooth_prior"}})
 
 
-# The concept dataset: each of the 5 images twice, once per caption (kohya's way of giving an image two captions: two
-# repeat folders). "a sks cross" is the subject prompt itself; "a purple sks cross" names the colour, so the colour word
+# The concept dataset: each of the 5 images with two captions, one line each (the dataset's caption choices draw one
+# per step). "a sks cross" is the subject prompt itself; "a purple sks cross" names the colour, so the colour word
 # carries some of the purple (kohya's advice: caption what should stay changeable). Measured on world v4 (16-sample
-# probes, lora + reg): subject fidelity 0.19 with the first caption alone, 0.56 with both.
-CONCEPT_FOLDERS = {"1_subject": None, "1_with_colour": CONCEPT[1]}
+# probes, lora + reg): subject fidelity 0.19 with the first caption alone, 0.56 with both (then as two kohya folders).
+CONCEPT_CAPTIONS = (None, CONCEPT[1])
 
 
 def write_concept_folder(folder: Path, seed: int = 0) -> None:
-    """The concept images under both captions, as kohya `1_name` sub-folders of `folder`."""
-    items = world.concept_images(5, seed=seed)
-    for sub, colour in CONCEPT_FOLDERS.items():
-        world.write_folder(folder / sub, [(item.image, world.caption(CONCEPT[0], colour, IDENTIFIER)) for item in items])
+    """The concept images, each with its alternative captions on separate lines (the folder is the benchmark's own:
+    what an earlier run left there is removed first)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    captions = "\n".join(world.caption(CONCEPT[0], colour, IDENTIFIER) for colour in CONCEPT_CAPTIONS)
+    world.write_folder(folder, [(item.image, captions) for item in world.concept_images(5, seed=seed)])
 
 
 def subject_prompt(colour: str | None = None, identifier: str = IDENTIFIER) -> str:

@@ -16,7 +16,7 @@ from PIL import ImageOps
 
 from . import buckets as bucketing
 from . import cache as caches
-from .captions import CaptionOptions
+from .captions import CaptionOptions, has_choices
 from .dataset import TrainingData, TrainSample, clip_identity
 from .folder import scan_dataset
 from .images import load_mask, open_rgb
@@ -225,7 +225,13 @@ def build_training_data(spec: DatasetSpec, vae, clip) -> tuple[TrainingData, Bui
     if clip is not None:
         text_cache = caches.TextEncodingCache(Path(root)) if spec.use_cache else None
         clip_fp = caches.clip_fingerprint(clip) if spec.use_cache else ""
-        captions = [e.caption for e, *_ in prepared + prepared_class]
+        # A caption with alternatives is encoded per drawn variant during training, never as written.
+        with_choices = {e.caption for e, *_ in prepared + prepared_class
+                        if spec.captions.caption_choices and has_choices(e.caption)}
+        if with_choices:
+            log.info("dataset: %d caption(s) with alternatives (several lines or {a|b}): each draw uses one",
+                     len(with_choices))
+        captions = [e.caption for e, *_ in prepared + prepared_class if e.caption not in with_choices]
         conditionings = _encode_texts(clip, captions, text_cache, clip_fp, stats)
     data = TrainingData(
         samples=_samples(prepared, encoder, conditionings), resolution=(spec.resolution, spec.resolution),

@@ -4,7 +4,9 @@ kohya's ``BaseDataset.process_caption`` (``library/train_util.py``), in this ord
 
 1. Caption dropout: with probability ``caption_dropout`` the whole caption becomes ``""`` (the
    model then also learns the unconditional case, useful for CFG).
-2. Otherwise, only when shuffling or tag dropout is on, the caption is split on ``","`` into
+2. Caption choices (kohya's ``enable_wildcard``, OneTrainer's one-caption-per-line files): a caption of
+   several lines uses one line, chosen at random, and each ``{a|b|c}`` picks one of its options.
+3. Then, only when shuffling or tag dropout is on, the caption is split on ``","`` into
    stripped tags; the first ``keep_tokens`` tags (or everything before ``keep_tokens_separator``)
    stay fixed at the front, the rest are shuffled and then each dropped with probability
    ``tag_dropout``; the tags are joined again with ``", "``.
@@ -19,12 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
-__all__ = ["CaptionOptions", "TAG_SEPARATOR", "caption_rng", "is_identity", "process_caption"]
+__all__ = ["CaptionOptions", "TAG_SEPARATOR", "caption_lines", "caption_rng", "choose_caption", "has_choices", "is_identity",
+           "process_caption"]
 
 TAG_SEPARATOR = ","
 JOINER = ", "
+_CHOICE = re.compile(r"\{([^{}]*\|[^{}]*)\}")  # {a|b|c}; braces without a '|' are left as written
 
 
 @dataclass
@@ -47,10 +53,15 @@ class CaptionOptions:
         "Optional marker such as '|||' that splits a caption into fixed and shuffled parts instead"
         " of keep_tokens: tags before it stay fixed; a second marker starts fixed trailing tags."
         " Empty: use keep_tokens.")})
+    caption_choices: bool = field(default=True, metadata={"help": (
+        "Captions with alternatives: a caption file of several lines uses one line, chosen at random each time"
+        " the image is drawn, and {a|b|c} in a caption picks one option (kohya's enable_wildcard). Off: the"
+        " caption is used as written.")})
 
     def __post_init__(self):
-        if not isinstance(self.shuffle_tags, bool):
-            raise ValueError(f"`shuffle_tags` must be a bool, got {self.shuffle_tags!r}")
+        for name in ("shuffle_tags", "caption_choices"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int) or self.keep_tokens < 0:
             raise ValueError(f"`keep_tokens` must be an integer >= 0, got {self.keep_tokens!r}")
         for name in ("tag_dropout", "caption_dropout"):
@@ -75,10 +86,31 @@ class CaptionOptions:
         raise KeyError(name)
 
 
-def is_identity(options: CaptionOptions) -> bool:
-    """True when ``process_caption`` returns every caption unchanged, so callers can skip it."""
+def caption_lines(caption: str) -> list[str]:
+    """The non-blank lines of a caption, stripped (one line: the caption itself)."""
+    return [line.strip() for line in caption.splitlines() if line.strip()]
+
+
+def has_choices(caption: str) -> bool:
+    """True when the caption offers alternatives: several lines, or a ``{a|b}`` group."""
+    return len(caption_lines(caption)) > 1 or _CHOICE.search(caption) is not None
+
+
+def is_identity(options: CaptionOptions, captions: Iterable[str] = ()) -> bool:
+    """True when ``process_caption`` returns each of ``captions`` unchanged, so callers can skip it."""
+    if options.caption_choices and any(has_choices(caption) for caption in captions):
+        return False
     return (not options.shuffle_tags and options.tag_dropout == 0.0 and options.caption_dropout == 0.0
             and not options.keep_tokens_separator)
+
+
+def choose_caption(caption: str, rng: random.Random) -> str:
+    """One line of a several-line caption, and one option of each ``{a|b}`` group; the rng is only
+    consumed by captions that have alternatives."""
+    lines = caption_lines(caption)
+    if len(lines) > 1:
+        caption = lines[rng.randrange(len(lines))]
+    return _CHOICE.sub(lambda match: rng.choice(match.group(1).split("|")).strip(), caption)
 
 
 def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -96,11 +128,13 @@ def _tags(text: str) -> list[str]:
 
 
 def process_caption(caption: str, options: CaptionOptions, rng: random.Random) -> str:
-    """One augmented draw of ``caption`` (kohya's order: caption dropout, then keep / shuffle /
-    tag dropout). Deterministic for a given ``rng`` state; ``rng`` is only consumed for the
+    """One augmented draw of ``caption`` (kohya's order: caption dropout, caption choices, then keep /
+    shuffle / tag dropout). Deterministic for a given ``rng`` state; ``rng`` is only consumed for the
     features that are on."""
     if options.caption_dropout > 0.0 and rng.random() < options.caption_dropout:
         return ""
+    if options.caption_choices:
+        caption = choose_caption(caption, rng)
 
     separator = options.keep_tokens_separator
     if separator and separator in caption:

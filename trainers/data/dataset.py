@@ -46,7 +46,7 @@ class TrainingData:
         """How often each comma-separated tag occurs in the captions (kohya's ss_tag_frequency)."""
         counts = Counter()
         for sample in self.samples:
-            counts.update(t.strip() for t in sample.caption.split(",") if t.strip())
+            counts.update(t.strip() for line in sample.caption.splitlines() for t in line.split(",") if t.strip())
         return dict(counts)
 
     def buckets(self) -> dict[tuple, int]:

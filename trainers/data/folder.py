@@ -24,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .captions import caption_lines
 from .images import UnreadableImage, inspect_image, load_mask
 
 log = logging.getLogger("comfyui-personalize")
@@ -61,8 +62,12 @@ class ScanResult:
 
 
 def with_trigger(caption: str, trigger_word: str) -> str:
-    """Prepend the trigger word unless the caption already names it."""
+    """Prepend the trigger word unless the caption already names it (to each line of a caption of several lines,
+    which are alternatives: see ``captions.CaptionOptions.caption_choices``)."""
     trigger = trigger_word.strip()
+    lines = caption_lines(caption)
+    if len(lines) > 1:
+        return "\n".join(with_trigger(line, trigger) for line in lines)
     if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
         return caption
     return f"{trigger}, {caption}" if caption else trigger
