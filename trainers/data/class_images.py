@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..formats.files import atomic_output
+from .captions import caption_lines
 
 log = logging.getLogger("comfyui-personalize")
 
@@ -27,7 +28,7 @@ def class_image_key(model_fp: str, settings: dict) -> str:
 
 def class_prompts(text: str) -> list[str]:
     """The prompts of a class-prompt text: one per non-empty line."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return caption_lines(text)
 
 
 def generate_class_images(model, clip, vae, folder: Path, *, prompts: list[str], negative: str, count: int, width: int,
