@@ -11,7 +11,16 @@ import sys
 from pathlib import Path
 
 from .api import ComfyClient, PromptRejected, ServerError
-from .convert import WorkflowError, apply_override, is_api_format, is_ui_format, node_titles, parse_value, sweep_grid, ui_to_api
+from .convert import (
+    WorkflowError,
+    apply_override,
+    is_api_format,
+    is_ui_format,
+    node_titles,
+    parse_value,
+    sweep_grid,
+    ui_to_api,
+)
 from .runner import ProgressBar, results_table, run_prompt, run_sweep, save_results
 
 EXIT_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_INTERRUPTED = 1, 2, 3, 130

@@ -166,7 +166,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
             if item.get("link") is not None:
                 linked[name] = item
         inputs = {}
-        for name, spec in specs:
+        for name, _ in specs:
             if name in linked:
                 fed = graph.source(linked[name]["link"], linked[name].get("type"))
                 if fed is not None:

@@ -162,7 +162,7 @@ def run_prompt(client: ComfyClient, prompt: dict, *, out_dir: Path | None, timeo
     result.status, result.error = _outcome(entry, status, result.error)
     result.seconds = time.perf_counter() - started
     for node_id, outputs in (entry.get("outputs") or {}).items():
-        for key, items in outputs.items():
+        for items in outputs.values():
             for item in items if isinstance(items, list) else []:
                 if isinstance(item, dict) and "filename" in item and out_dir is not None:
                     result.files.append(str(client.download(item, out_dir / result.prompt_id)))

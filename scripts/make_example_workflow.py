@@ -80,14 +80,14 @@ for nid, node in api.items():
     for name, value in node["inputs"].items():
         if isinstance(value, list):
             links.append([len(links) + 1, int(value[0]), value[1], int(nid), name])
-for l in links:
-    out_links.setdefault((l[1], l[2]), []).append(l[0])
+for link in links:
+    out_links.setdefault((link[1], link[2]), []).append(link[0])
 final_links = []
 for order, (nid, node) in enumerate(api.items()):
     cls = node["class_type"]
     ins = []
     for slot, (name, typ) in enumerate(sockets_in.get(cls, [])):
-        link = next((l for l in links if l[3] == int(nid) and l[4] == name), None)
+        link = next((lk for lk in links if lk[3] == int(nid) and lk[4] == name), None)
         ins.append({"name": name, "type": typ, "link": link[0] if link else None})
         if link:
             final_links.append([link[0], link[1], link[2], int(nid), slot, typ])

@@ -48,7 +48,7 @@ def test_sample_dataset_is_deterministic(tmp_path):
     b = make_sample_dataset(tmp_path / "b", n=4, size=64, seed=3)
     c = make_sample_dataset(tmp_path / "c", n=4, size=64, seed=4)
     assert [p.name for p in a] == ["000.png", "001.png", "002.png", "003.png"]
-    for pa, pb, pc in zip(a, b, c):
+    for pa, pb in zip(a, b):
         assert pa.read_bytes() == pb.read_bytes()
         assert pa.with_suffix(".txt").read_text() == pb.with_suffix(".txt").read_text()
         _assert_png(pa)

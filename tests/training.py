@@ -1,8 +1,9 @@
 """Engine-level test helpers shared by the method tests: cancel a run at a step, then resume it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

@@ -105,7 +105,7 @@ class TrainJob:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainJob":
+    def from_dict(cls, data: dict[str, Any]) -> TrainJob:
         data = migrate(dict(data))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known

@@ -209,7 +209,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
         path = save(f"interrupted_step_{global_step:07d}.pt", "cancel")
         log.info("training cancelled at step %d; resume from %s", global_step, path)
         comfy.model_management.interrupt_current_processing(False)
-        raise comfy.model_management.InterruptProcessingException()
+        raise comfy.model_management.InterruptProcessingException() from None
     except Exception:
         if global_step > 0:
             path = save(f"crashed_step_{global_step:07d}.pt", "error")

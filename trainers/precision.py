@@ -9,7 +9,8 @@ updates smaller than bf16's resolution are not lost. Only one parameter is widen
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 

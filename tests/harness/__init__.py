@@ -122,7 +122,7 @@ def image_paths(entry: dict, base_dir, node_id: str | None = None) -> list[Path]
     for nid, out in (entry.get("outputs") or {}).items():
         if node_id is not None and str(nid) != str(node_id):
             continue
-        for key, items in out.items():
+        for items in out.values():
             if not isinstance(items, list):
                 continue
             for item in items:

@@ -49,7 +49,7 @@ from . import (
 )
 
 _prepared: dict = {}
-_runtime: "ComfyRuntime | None" = None
+_runtime: ComfyRuntime | None = None
 _boot_lock = threading.Lock()
 
 

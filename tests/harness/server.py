@@ -128,7 +128,7 @@ class ComfyServer:
     # -- life cycle -----------------------------------------------------------------------------
     @classmethod
     def start(cls, base_dir, *, python: str | None = None, extra_args=(), startup_timeout: float = 180.0,
-              env: dict | None = None) -> "ComfyServer":
+              env: dict | None = None) -> ComfyServer:
         base_dir = make_base_dir(Path(base_dir).resolve())
         link_pack(base_dir)
         comfy_path = find_comfyui()

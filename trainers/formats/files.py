@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._\- ]+")
 

@@ -79,7 +79,7 @@ class IPAdapterModel(nn.Module):
         return self.image_proj(features)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "IPAdapterModel":
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> IPAdapterModel:
         model = cls(spec_from_state_dict(state))
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return model
@@ -95,7 +95,6 @@ def spec_from_state_dict(state: dict[str, torch.Tensor]) -> AdapterSpec:
         raise ValueError(f"this IP-Adapter's layers are numbered {numbers[:6]}...; the official layout numbers them "
                          "1, 3, 5, ... without gaps.")
     inner_dims = tuple(int(state[f"ip_adapter.{n}.to_k_ip.weight"].shape[0]) for n in numbers)
-    cross_dim = int(state["ip_adapter.1.to_k_ip.weight"].shape[1])
     if "image_proj.proj.weight" in state and "image_proj.norm.weight" in state:
         proj = state["image_proj.proj.weight"]
         width = int(state["image_proj.norm.weight"].shape[0])

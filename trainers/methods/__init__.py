@@ -1,7 +1,7 @@
 """Registry of training methods: each registers once by name (no if/elif chains)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .base import Attached, ParamGroup, TrainingMethod
 

@@ -63,10 +63,10 @@ class TrainingMethod(ABC):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore tensors written by `trainable_state_dict`; raise ValueError on a mismatch."""
 
-    def detach(self) -> None:
+    def detach(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Undo anything attach() did outside the clones (default: nothing)."""
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """After the last step: switch trained modules to inference behaviour (default: nothing)."""
 
     def batch_extra(self, samples: list, picks: list[int], generator: torch.Generator) -> dict | None:
