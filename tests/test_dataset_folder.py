@@ -30,6 +30,20 @@ def test_captions_fallback_trigger_and_repeats(folder_mod, tmp_path):
     assert by_name["c.png"].caption == "sks, close-up" and by_name["c.png"].repeats == 3
 
 
+def test_trigger_word_reaches_every_alternative_caption_line(folder_mod, tmp_path):
+    """Lines of a caption file are alternatives (caption choices on): each gets the trigger word; with choices off
+    the file is one caption and gets it once."""
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red square\n\nsks on grass\n")
+    [entry] = folder_mod.scan_dataset(tmp_path, trigger_word="sks").entries
+    assert entry.caption == "sks, a red square\nsks on grass"
+    [entry] = folder_mod.scan_dataset(tmp_path, trigger_word="sks", caption_choices=False).entries
+    assert entry.caption == "a red square\n\nsks on grass"
+    (tmp_path / "a.txt").write_text("a red square\nclose-up\n")
+    [entry] = folder_mod.scan_dataset(tmp_path, trigger_word="sks", caption_choices=False).entries
+    assert entry.caption == "sks, a red square\nclose-up"
+
+
 def test_resize_and_center_crop(folder_mod, tmp_path):
     image = Image.new("RGB", (120, 60), (0, 0, 255))
     for x in range(30):  # red band on the left, cropped away by a centre crop to a square

@@ -205,7 +205,8 @@ def build_training_data(spec: DatasetSpec, vae, clip) -> tuple[TrainingData, Bui
     """Scan, bucket and encode a dataset (and its class images); return it with what it cost."""
     started = time.perf_counter()
     stats = BuildStats()
-    scan = scan_dataset(spec.folder, trigger_word=spec.trigger_word, instance_prompt=spec.instance_prompt)
+    scan = scan_dataset(spec.folder, trigger_word=spec.trigger_word, instance_prompt=spec.instance_prompt,
+                        caption_choices=spec.captions.caption_choices)
     class_entries = []
     if spec.class_folder:
         class_entries = scan_dataset(spec.class_folder, instance_prompt=spec.class_prompt).entries

@@ -61,12 +61,12 @@ class ScanResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def with_trigger(caption: str, trigger_word: str) -> str:
-    """Prepend the trigger word unless the caption already names it (to each line of a caption of several lines,
-    which are alternatives: see ``captions.CaptionOptions.caption_choices``)."""
+def with_trigger(caption: str, trigger_word: str, per_line: bool = False) -> str:
+    """Prepend the trigger word unless the caption already names it; with ``per_line``, to each line of a caption
+    of several lines (they are alternatives: see ``captions.CaptionOptions.caption_choices``)."""
     trigger = trigger_word.strip()
     lines = caption_lines(caption)
-    if len(lines) > 1:
+    if per_line and len(lines) > 1:
         return "\n".join(with_trigger(line, trigger) for line in lines)
     if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
         return caption
@@ -144,7 +144,8 @@ def _paths(paths: list[Path], root: Path) -> str:
     return ", ".join(str(p.relative_to(root)) for p in paths)
 
 
-def scan_dataset(folder: str | Path, *, trigger_word: str = "", instance_prompt: str = "") -> ScanResult:
+def scan_dataset(folder: str | Path, *, trigger_word: str = "", instance_prompt: str = "",
+                 caption_choices: bool = True) -> ScanResult:
     """Find, verify and caption the images of a dataset folder (see the module docstring).
 
     Raises ValueError naming `folder` when it is missing, empty or has no usable image (listing
@@ -213,7 +214,7 @@ def scan_dataset(folder: str | Path, *, trigger_word: str = "", instance_prompt:
                 if encoding:
                     recoded.append(f"{files[0].relative_to(root)} (read as {encoding})")
                 ignored_captions.extend(files[1:])
-            caption = with_trigger(caption or instance_prompt.strip(), trigger_word)
+            caption = with_trigger(caption or instance_prompt.strip(), trigger_word, per_line=caption_choices)
             entries.append(ImageEntry(path, caption, repeats, mask_path=mask_path, size=info.size,
                                       has_alpha=info.has_alpha))
 
