@@ -296,3 +296,18 @@ def test_make_buckets_bad_arguments(buckets, kwargs, name):
 def test_bad_arguments_name_the_argument(buckets, call, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         call(buckets)
+
+
+def test_batch_sampler_epochs_and_short_batches(comfy_runtime):
+    """Each epoch uses every image once, in batches of one bucket; a bucket whose epoch ends with a batch under half
+    the batch size is reported (5 images at batch 4: every other step would train on one image)."""
+    dataset = comfy_runtime.pack_import("trainers.data.dataset")
+    sampler = dataset.BatchSampler([(64, 64)] * 5 + [(96, 48)] * 3, batch_size=4, seed=1)
+    assert sampler.batches_per_epoch == 3
+    for epoch in range(3):
+        batches = [sampler.indices(epoch * 3 + i) for i in range(3)]
+        assert sorted(i for batch in batches for i in batch) == list(range(8))
+        assert all(len({(i < 5) for i in batch}) == 1 for batch in batches)  # one bucket per batch
+    assert sampler.short_batches() == [(5, 1)]
+    assert dataset.BatchSampler([(64, 64)] * 10, batch_size=4, seed=0).short_batches() == []  # last batch 2: half
+    assert dataset.BatchSampler([(64, 64)] * 20, batch_size=4, seed=0).short_batches() == []

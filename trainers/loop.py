@@ -128,6 +128,11 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                                      text_cache=text_cache, clip_fp=clip_fp, dataset_clip_key=data.clip_key,
                                      trained_words=attached.trained_words)
     streams = [_Stream(data.samples, job.batch_size, job.seed, 1.0, data.caption_options)]
+    for images, last in streams[0].sampler.short_batches():
+        # kohya cuts epochs the same way; with few images the short batch is a large share of all steps.
+        log.warning("dataset: %d image(s) in a bucket at batch size %d: every epoch ends with a batch of %d, a noisy "
+                    "step. Repeats (kohya `N_name` folders) or a batch size that divides the image count avoid it.",
+                    images, job.batch_size, last)
     if data.class_samples and job.prior_loss_weight > 0:
         # Class captions get the caption choices (one line of several) but never shuffle or dropout.
         class_captions = (CaptionOptions(caption_choices=data.caption_options.caption_choices)

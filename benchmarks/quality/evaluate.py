@@ -142,14 +142,19 @@ METHODS["dreambooth_prior"] = Method(**{**METHODS["dreambooth"].__dict__, "name"
 # carries some of the purple (kohya's advice: caption what should stay changeable). Measured on world v4 (16-sample
 # probes, lora + reg): subject fidelity 0.19 with the first caption alone, 0.56 with both (then as two kohya folders).
 CONCEPT_CAPTIONS = (None, CONCEPT[1])
+# Two kohya repeats: 10 samples cut into batches of 4, 4 and 2 per epoch. Five samples alone give batches of 4 and 1, so
+# half the steps train on a single image (one 48-sample run each: lora_reg subject 0.75, pivotal 0.46, dreambooth_prior
+# 0.42, hypernetwork 0.08, against 0.77, 0.56, 0.63, 0.19 with ten; part of it is run-to-run variance).
+CONCEPT_REPEATS = 2
 
 
 def write_concept_folder(folder: Path, seed: int = 0) -> None:
-    """The concept images, each with its alternative captions on separate lines (the folder is the benchmark's own:
-    what an earlier run left there is removed first)."""
+    """The concept images, each with its alternative captions on separate lines, in a kohya `N_concept` repeat folder
+    (the folder is the benchmark's own: what an earlier run left there is removed first)."""
     shutil.rmtree(folder, ignore_errors=True)
     captions = "\n".join(world.caption(CONCEPT[0], colour, IDENTIFIER) for colour in CONCEPT_CAPTIONS)
-    world.write_folder(folder, [(item.image, captions) for item in world.concept_images(5, seed=seed)])
+    world.write_folder(folder / f"{CONCEPT_REPEATS}_concept",
+                       [(item.image, captions) for item in world.concept_images(5, seed=seed)])
 
 
 def subject_prompt(colour: str | None = None, identifier: str = IDENTIFIER) -> str:

@@ -100,6 +100,11 @@ class BatchSampler:
             self._cache = (epoch, [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
         return self._cache[1]
 
+    def short_batches(self) -> list[tuple[int, int]]:
+        """(images, size of its last batch) for each bucket whose epoch ends with a batch under half the batch size."""
+        return [(len(g), len(g) % self.batch_size) for g in self.groups
+                if 0 < len(g) % self.batch_size < self.batch_size / 2]
+
     def epoch_of(self, micro_step: int) -> int:
         return micro_step // self.batches_per_epoch
 
