@@ -142,9 +142,10 @@ METHODS["dreambooth_prior"] = Method(**{**METHODS["dreambooth"].__dict__, "name"
 # carries some of the purple (kohya's advice: caption what should stay changeable). Measured on world v4 (16-sample
 # probes, lora + reg): subject fidelity 0.19 with the first caption alone, 0.56 with both (then as two kohya folders).
 CONCEPT_CAPTIONS = (None, CONCEPT[1])
-# Two kohya repeats: 10 samples cut into batches of 4, 4 and 2 per epoch. Five samples alone give batches of 4 and 1, so
-# half the steps train on a single image (one 48-sample run each: lora_reg subject 0.75, pivotal 0.46, dreambooth_prior
-# 0.42, hypernetwork 0.08, against 0.77, 0.56, 0.63, 0.19 with ten; part of it is run-to-run variance).
+# Two kohya repeats: 10 samples cut into batches of 4, 4 and 2 per epoch, as when each caption had its own folder. Five
+# samples alone give batches of 4 and 1 (half the steps on one image). Measured (one 48-sample run each, lora_reg):
+# subject 0.75 with five, 0.67 with ten, 0.77 last session with two folders: the run-to-run spread (~0.1) hides any
+# effect, so this is hygiene, not a gain.
 CONCEPT_REPEATS = 2
 
 
