@@ -78,8 +78,11 @@ TOKEN = "<sks>"  # textual inversion needs a token the vocabulary does not have
 # Regularization images (kohya's reg folder, generated in-graph by Personalize Class Images, one prompt per line): the
 # base model's own samples of every base prompt. The world has no class "cross" to preserve, and without them a UNet
 # LoRA learns the subject by shifting the hue of every prompt (red draws green, blue purple: preservation 0.13).
-REGULARIZATION = {"class_prompt": "\n".join(world.caption(shape, colour) for shape, colour in world.base_combos()),
-                  "class_images": 48}
+# Also the class in each base colour ("a blue cross": the base model draws a blob of that colour), a DreamBooth class
+# prior per colour: it keeps the colour words working next to the learned subject.
+REGULARIZATION = {"class_prompt": "\n".join([*(world.caption(shape, colour) for shape, colour in world.base_combos()),
+                                            *(world.caption(CONCEPT[0], colour) for colour in BASE_COLOURS)]),
+                  "class_images": 64}
 # ... pulled towards the base model's own predictions on them (`prior_target`=base_model): on world v4 (16-sample probes,
 # lora + reg) preservation 0.58 -> 0.79 and subject 0.56 -> 0.63 against the images as targets.
 REG_INPUTS = {"prior_target": "base_model", "prior_loss_weight": 4.0}
@@ -137,11 +140,15 @@ METHODS["dreambooth_prior"] = Method(**{**METHODS["dreambooth"].__dict__, "name"
                                                    "save_name": "quality/dreambooth_prior"}})
 
 
-# The concept dataset: each of the 5 images with two captions, one line each (the dataset's caption choices draw one
-# per step). "a sks cross" is the subject prompt itself; "a purple sks cross" names the colour, so the colour word
-# carries some of the purple (kohya's advice: caption what should stay changeable). Measured on world v4 (16-sample
-# probes, lora + reg): subject fidelity 0.19 with the first caption alone, 0.56 with both (then as two kohya folders).
-CONCEPT_CAPTIONS = (None, CONCEPT[1])
+# The concept dataset: each of the 5 images with four caption lines (the dataset's caption choices draw one per step):
+# the subject prompt itself; the colour named, so the colour word carries part of the purple (kohya's advice: caption
+# what should stay changeable); and other words before the identifier, so that what it learned does not hang on the
+# exact text before it (the text encoder is causal: "a green sks cross" encodes "sks" differently from "a sks cross").
+# Measured on world v4 (lora + reg probes): subject 0.19 with the first line alone, 0.56 with the first two; with all
+# four and the colour-class regularization 0.83 / preservation 0.89 (24 + 8 samples), and the recolour prompts draw
+# the cross (in a blend of the named colour and purple) where they drew base shapes before.
+CONCEPT_CAPTIONS = ("a {identifier} cross", "a purple {identifier} cross",
+                    "a {{single|plain|simple|flat|small|big}} {identifier} cross", "the {identifier} cross")
 # Two kohya repeats: 10 samples cut into batches of 4, 4 and 2 per epoch, as when each caption had its own folder. Five
 # samples alone give batches of 4 and 1 (half the steps on one image). Measured (one 48-sample run each, lora_reg):
 # subject 0.75 with five, 0.67 with ten, 0.77 last session with two folders: the run-to-run spread (~0.1) hides any
@@ -153,7 +160,7 @@ def write_concept_folder(folder: Path, seed: int = 0) -> None:
     """The concept images, each with its alternative captions on separate lines, in a kohya `N_concept` repeat folder
     (the folder is the benchmark's own: what an earlier run left there is removed first)."""
     shutil.rmtree(folder, ignore_errors=True)
-    captions = "\n".join(world.caption(CONCEPT[0], colour, IDENTIFIER) for colour in CONCEPT_CAPTIONS)
+    captions = "\n".join(line.format(identifier=IDENTIFIER) for line in CONCEPT_CAPTIONS)
     world.write_folder(folder / f"{CONCEPT_REPEATS}_concept",
                        [(item.image, captions) for item in world.concept_images(5, seed=seed)])
 
