@@ -37,18 +37,17 @@ def browser():
         browser.close()
 
 
-def _wait_app(page, timeout_ms=90_000, network_idle=True):
+def _wait_app(page, timeout_ms=90_000):
     page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && window.comfyAPI.app.app.extensionManager",
                            timeout=timeout_ms)
     page.wait_for_function("() => window.comfyAPI.app.app.extensions?.some(e => e.name === 'Personalize.LiveTraining')",
                            timeout=timeout_ms)
-    if network_idle:  # the frontend's own start-up workflow load is done (never idle while a run sends previews)
-        page.wait_for_load_state("networkidle")
+    _wait_graph_settled(page)
     page.keyboard.press("Escape")  # close a first-run dialog, if any
 
 
 def _wait_graph_settled(page, timeout=30.0, quiet=2.0):
-    """Wait until the frontend's own workflow restore is over: the graph's nodes unchanged for `quiet` seconds
+    """Wait until the frontend's own start-up workflow load is over: the graph's nodes unchanged for `quiet` seconds
     (`networkidle` never comes while a run sends previews)."""
     deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
     while time.monotonic() < deadline:
@@ -146,8 +145,7 @@ def test_live_view_chart_previews_reload_and_cancel(browser, comfy_server, tiny_
     prompt_id, points_before = state["promptId"], int(state["points"])
 
     page.reload()
-    _wait_app(page, network_idle=False)
-    _wait_graph_settled(page)
+    _wait_app(page)
     if _live(page) is None:  # the frontend did not restore the open workflow: load it again
         _load_example(page, values)
     state = _wait_live(page, lambda s: s["promptId"] == prompt_id and int(s["points"]) >= points_before,
