@@ -47,14 +47,14 @@ def _wait_app(page, timeout_ms=90_000):
 
 
 def _wait_graph_settled(page, timeout=30.0, quiet=2.0):
-    """Wait until the frontend's own start-up workflow load is over: the graph's nodes unchanged for `quiet` seconds
-    (`networkidle` never comes while a run sends previews)."""
+    """Wait until the frontend's own start-up workflow load is over: the graph's nodes (none on a first visit)
+    unchanged for `quiet` seconds (`networkidle` never comes while a run sends previews)."""
     deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
     while time.monotonic() < deadline:
         nodes = page.evaluate("() => window.comfyAPI.app.app.graph.nodes.map((n) => `${n.id}:${n.type}`).join(',')")
         if nodes != last:
             last, since = nodes, time.monotonic()
-        elif nodes and time.monotonic() - since >= quiet:
+        elif time.monotonic() - since >= quiet:
             return
         time.sleep(0.2)
 
