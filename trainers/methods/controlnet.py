@@ -147,6 +147,9 @@ class UnderControl(TrainingMethod):
     def load_trainable_state_dict(self, state):
         self.inner.load_trainable_state_dict(state)
 
+    def base_behaviour(self):
+        return self.inner.base_behaviour()
+
     def detach(self):
         self.inner.detach()
 
