@@ -7,7 +7,6 @@ from ._api import ComfyExtension, io
 class PersonalizeExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from .alignment import NODES as alignment_nodes
         from .controlnet import NODES as controlnet_nodes
         from .dataset import NODES as dataset_nodes
         from .distributed import NODES as distributed_nodes
@@ -21,4 +20,4 @@ class PersonalizeExtension(ComfyExtension):
         from .textual_inversion import NODES as textual_inversion_nodes
         from .train import NODES as train_nodes
 
-        return [*dataset_nodes, *train_nodes, *lora_io_nodes, *merge_nodes, *lora_tools_nodes, *hypernetwork_nodes, *textual_inversion_nodes, *preview_nodes, *alignment_nodes, *ipadapter_nodes, *controlnet_nodes, *distributed_nodes, *dreambooth_nodes]
+        return [*dataset_nodes, *train_nodes, *lora_io_nodes, *merge_nodes, *lora_tools_nodes, *hypernetwork_nodes, *textual_inversion_nodes, *preview_nodes, *ipadapter_nodes, *controlnet_nodes, *distributed_nodes, *dreambooth_nodes]

@@ -20,7 +20,6 @@ from ..trainers.methods.lora import TARGET_PRESETS, LoraConfig
 from ..trainers.progress import Reporter
 from ._api import io
 from ._events import websocket_sender
-from .alignment import PromptAlignmentType
 from .dataset import Dataset
 from .previews import PreviewReporter, Previews
 
@@ -117,7 +116,6 @@ def training_inputs(run_name: str = "lora") -> list:
         io.String.Input("run_name", default=run_name, tooltip=h["run_name"]),
         io.String.Input("resume", default="", tooltip="Continue a cancelled or finished run: a checkpoint path as reported on cancel, 'latest', or empty for a new run."),
         TrainingControl.Input("control", optional=True, tooltip="Train under a ControlNet (from Personalize Training Control): every batch runs with it applied, the result works without it."),
-        PromptAlignmentType.Input("alignment", optional=True, tooltip="Prompts that must keep working on the subject (from Personalize Prompt Alignment): each step also distils the base model's meaning of their other words into the subject. About twice the time per step."),
         Previews.Input("previews", optional=True, tooltip="Validation images every N steps in the node's live view (from Personalize Training Previews)."),
     ]
 
@@ -164,7 +162,6 @@ def job_from_inputs(method: str, method_options: dict, **inputs) -> TrainJob:
     inputs.pop("resume", None)
     control = inputs.pop("control", None)
     previews = inputs.pop("previews", None)
-    inputs["prompt_alignment"] = inputs.pop("alignment", None)
     inputs["run_name"] = safe_stem(inputs["run_name"], input_name="run_name")
     job = TrainJob(method=method, method_options=method_options, **inputs)
     job.control = control

@@ -47,7 +47,6 @@ class TrainJob:
     noise_offset: float = field(default=0.0, **_help("Noise offset (e.g. 0.05) to learn very dark or bright images."))
     prior_loss_weight: float = field(default=1.0, **_help("Weight of the class-image (prior preservation) loss, when the dataset has class images."))
     prior_target: PriorTarget = field(default="images", **_help("What the class-image loss pulls towards: images (DreamBooth's prior preservation: the class image itself) or base_model (the base model's own prediction on the same noisy class image, computed with the trained weights bypassed: it penalises only drift from the base, with far less noise; one extra forward pass per class batch)."))
-    prompt_alignment: dict[str, Any] | None = field(default=None, **_help("Prompt alignment (trainers.alignment.PromptAlignment as a dict): prompts with the subject whose other words must keep working, distilled from the base model; None turns it off."))
     timestep_range: tuple[float, float] = field(default=(0.0, 1.0), **_help("Fraction of the noise schedule to sample timesteps from (0 = least noise)."))
     precision: Precision = field(default="fp32", **_help("Autocast dtype for the forward pass; trainable weights stay fp32."))
     gradient_checkpointing: bool = field(default=False, **_help("Recompute activations in the backward pass: less memory, ~30% slower."))
@@ -93,9 +92,6 @@ class TrainJob:
         if not 0.0 <= self.ema_decay < 1.0 or self.ema_warmup_steps < 0:
             raise ValueError(f"`ema_decay` must be in [0, 1) (e.g. 0.999) and `ema_warmup_steps` >= 0, got "
                              f"{self.ema_decay} and {self.ema_warmup_steps}.")
-        if self.prompt_alignment is not None:
-            from .alignment import PromptAlignment
-            self.prompt_alignment = PromptAlignment.from_dict(self.prompt_alignment).to_dict()  # checks it
         self.timestep_range = (float(lo), float(hi))
 
     @property

@@ -19,7 +19,6 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed, objectives, precision
-from .alignment import PromptAlignment, alignment_loss, teacher
 from . import ema as ema_mod
 from .conditioning import CaptionConditioner
 from .data.captions import CaptionOptions, caption_rng, is_identity, process_caption
@@ -140,8 +139,6 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                           if data.caption_options is not None else None)
         streams.append(_Stream(data.class_samples, job.batch_size, job.seed + 1, job.prior_loss_weight, class_captions,
                                base_model_target=job.prior_target == "base_model", is_class=True))
-    alignment = PromptAlignment.from_dict(job.prompt_alignment) if job.prompt_alignment else None
-    alignment_base = teacher(method, attached) if alignment is not None else None
     if any(stream.base_model_target for stream in streams):
         with method.base_behaviour():  # fails now, with the method's reason, rather than at the first class batch
             pass
@@ -191,11 +188,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                         torch.manual_seed(_micro_step_generator(job.seed, micro_step).initial_seed())
                         loss = sum(stream.weight * _stream_loss(stream, micro_step, job, method, base_model, model_sampling,
                                                                 denoiser, conditioner, autocast, device)
-                                   for stream in streams)
-                        if alignment is not None:
-                            loss = loss + alignment_loss(alignment, streams[0], micro_step, job, alignment_base, base_model,
-                                                         model_sampling, denoiser, conditioner, autocast, device)
-                        loss = loss / job.grad_accumulation
+                                   for stream in streams) / job.grad_accumulation
                     loss.backward()
                     step_loss += loss.item()
                 step_loss = distributed.sync_gradients(trainables, step_loss)  # sum over ranks, before clipping

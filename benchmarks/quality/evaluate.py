@@ -56,7 +56,6 @@ class Method:
     class_prompt: str = ""  # prior preservation: class images generated in-graph from this prompt
     class_images: int = 0
     links: dict = field(default_factory=dict)  # extra training-node inputs from the checkpoint loader, e.g. {"vae": 2}
-    alignment: dict | None = None  # inputs of a Personalize Prompt Alignment node wired to the training node
 
     @property
     def slug(self) -> str:
@@ -91,25 +90,11 @@ REG_INPUTS = {"prior_target": "base_model", "prior_loss_weight": 4.0}
 # 0.81; 1600 steps: 0.81, 0.83).
 LORA_REG = {**LORA_DEFAULTS, **REG_INPUTS, "steps": 1600}
 
-
-def subject_prompt(colour: str | None = None, identifier: str = IDENTIFIER) -> str:
-    return f"a {colour + ' ' if colour else ''}{identifier} cross"
-
-
-def alignment(identifier: str = IDENTIFIER, guidance: float = 3.0) -> dict:
-    """Prompt alignment for the recolour prompts: the subject in each base colour, as a user lists the prompts the
-    subject must follow (it names the colours the benchmark asks for; colours left out do not gain, see README)."""
-    return {"subject_prompt": subject_prompt(identifier=identifier), "identifier": identifier,
-            "prompts": "\n".join(subject_prompt(colour, identifier) for colour in BASE_COLOURS),
-            "guidance": guidance, "weight": 1.0}
-
-
 METHODS = {
     "lora": Method("lora", inputs=dict(LORA_DEFAULTS)),
     "lora_all_layers": Method("lora_all_layers", inputs={**LORA_REG, "targets": "all",
                                                          "learning_rate": 5e-4}, **REGULARIZATION),
     "lora_reg": Method("lora_reg", inputs=dict(LORA_REG), **REGULARIZATION),
-    "lora_aligned": Method("lora_aligned", inputs=dict(LORA_REG), alignment=alignment(), **REGULARIZATION),
     "lora_prior": Method("lora_prior", inputs=dict(LORA_DEFAULTS), class_prompt="a cross", class_images=24),
     "lora_cross_kv": Method("lora_cross_kv", inputs={**LORA_DEFAULTS, "targets": "cross_attention_kv"}),
     "dora": Method("dora", inputs={**LORA_REG, "dora": True}, **REGULARIZATION),
@@ -180,6 +165,10 @@ def write_concept_folder(folder: Path, seed: int = 0) -> None:
                        [(item.image, captions) for item in world.concept_images(5, seed=seed)])
 
 
+def subject_prompt(colour: str | None = None, identifier: str = IDENTIFIER) -> str:
+    return f"a {colour + ' ' if colour else ''}{identifier} cross"
+
+
 def _sampling_branch(prompt: dict, node_id: int, model_ref, clip_ref, vae_ref, text: str, count: int, seed: int,
                      prefix: str, steps: int, cfg: float) -> int:
     ids = [str(node_id + i) for i in range(6)]
@@ -216,9 +205,6 @@ def method_graph(method: Method, ckpt: str, folder: Path, prompts: dict[str, str
             "count": method.class_images, "width": 64, "height": 64, "steps": sample_steps, "cfg": cfg,
             "sampler_name": "euler", "scheduler": "normal", "seed": 0}}
         dataset["class_images"] = ["5", 0]
-    if method.alignment:
-        prompt["6"] = {"class_type": "PersonalizePromptAlignment", "inputs": dict(method.alignment)}
-        prompt["3"]["inputs"]["alignment"] = ["6", 0]
     if method.save_node:
         links = (method.save_input if isinstance(method.save_input, dict) else {method.save_input: method.artifact_output})
         prompt["4"] = {"class_type": method.save_node, "inputs": {**{k: ["3", i] for k, i in links.items()},
