@@ -17,7 +17,8 @@ MAX_PREVIEW_ROUNDS = 12
 
 
 class RunHistory:
-    """Recent training runs by (prompt_id, node): loss/LR points, latest previews, checkpoint, status.
+    """Recent training runs by (prompt_id, node): loss/LR points, latest previews, checkpoint, status, and the id of
+    the workflow that queued them (the frontend's graph id, when the prompt came with one).
 
     Written from the executor thread, read by the HTTP route on the event loop, hence the lock.
     """
@@ -38,7 +39,8 @@ class RunHistory:
             run = self._runs.get(key)
             if run is None or kind == "start":
                 self._runs.pop(key, None)
-                run = {"prompt_id": key[0], "node": key[1], "status": "running", "started": time.time(),
+                run = {"prompt_id": key[0], "node": key[1], "workflow": message.get("workflow"), "status": "running",
+                       "started": time.time(),
                        "summary": {}, "points": [], "stride": 1, "last": None, "previews": [], "checkpoint": None,
                        "end": None, "error": None, "preview_error": None}
                 self._runs[key] = run
@@ -62,17 +64,19 @@ class RunHistory:
             elif kind == "error":
                 run["error"], run["status"] = message.get("message"), "error"
 
-    def runs(self, node: str | None = None, prompt_id: str | None = None) -> list[dict]:
-        """Copies of the recorded runs, newest first, optionally of one node and/or prompt."""
+    def runs(self, node: str | None = None, prompt_id: str | None = None, workflow: str | None = None) -> list[dict]:
+        """Copies of the recorded runs, newest first, optionally of one node and/or prompt. With `workflow`, only runs
+        that workflow queued (node ids repeat across workflows) and runs queued without one (headless)."""
         with self._lock:
             found = [run for run in self._runs.values()
                      if (node is None or str(run["node"]) == str(node))
-                     and (prompt_id is None or run["prompt_id"] == prompt_id)]
+                     and (prompt_id is None or run["prompt_id"] == prompt_id)
+                     and (workflow is None or run["workflow"] in (workflow, None))]
             return copy.deepcopy(found[::-1])
 
 
 def _plain(message: dict) -> dict:
-    return {k: v for k, v in message.items() if k not in ("node", "prompt_id")}
+    return {k: v for k, v in message.items() if k not in ("node", "prompt_id", "workflow")}
 
 
 def _add_point(run: dict, message: dict) -> None:
@@ -100,6 +104,19 @@ def _prompt_id(instance) -> str | None:
     return getattr(instance, "last_prompt_id", None)
 
 
+def _workflow_id(instance, prompt_id: str | None) -> str | None:
+    """The id of the frontend workflow that queued `prompt_id` (its extra_pnginfo), from the server's running queue."""
+    try:
+        running, _ = instance.prompt_queue.get_current_queue_volatile()
+        for item in running:
+            if item[1] == prompt_id:
+                workflow = ((item[3] or {}).get("extra_pnginfo") or {}).get("workflow") or {}
+                return str(workflow["id"]) if workflow.get("id") else None
+    except (AttributeError, IndexError, TypeError, ValueError):  # no queue (in-process executor) or another layout
+        pass
+    return None
+
+
 def websocket_sender(node_id: str | None, history: RunHistory = HISTORY) -> Callable[[str, dict], None]:
     """A `send(event, payload)` for the engine's Reporter, addressed to the queuing client.
 
@@ -111,9 +128,10 @@ def websocket_sender(node_id: str | None, history: RunHistory = HISTORY) -> Call
     except (ImportError, AttributeError):
         instance = None
     prompt_id = _prompt_id(instance)
+    workflow = _workflow_id(instance, prompt_id)
 
     def send(event: str, payload: dict) -> None:
-        message = {"node": node_id, "prompt_id": prompt_id, **payload}
+        message = {"node": node_id, "prompt_id": prompt_id, "workflow": workflow, **payload}
         history.record(event, message)
         if instance is None:
             return

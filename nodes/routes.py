@@ -12,8 +12,9 @@ _registered: set[int] = set()
 
 
 def runs_response(query, history: RunHistory = HISTORY) -> dict:
-    """`{"runs": [...]}` newest first; `?node=<id>` and `?prompt_id=<id>` filter."""
-    return {"runs": history.runs(node=query.get("node") or None, prompt_id=query.get("prompt_id") or None)}
+    """`{"runs": [...]}` newest first; `?node=<id>`, `?prompt_id=<id>` and `?workflow=<graph id>` filter."""
+    return {"runs": history.runs(node=query.get("node") or None, prompt_id=query.get("prompt_id") or None,
+                                 workflow=query.get("workflow") or None)}
 
 
 def register(routes=None) -> bool:

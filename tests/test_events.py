@@ -125,6 +125,18 @@ def test_run_history_keeps_recent_runs_with_their_status(live, monkeypatch):
     assert history.runs(node="4") == []
 
 
+def test_run_history_tells_workflows_apart(live):
+    """Node ids repeat across workflows: asked for one workflow, the history gives its runs and headless ones (no
+    workflow to tell them apart), never another workflow's run of the same node id."""
+    history = live.events.RunHistory()
+    for prompt, workflow in (("a", "wf-A"), ("b", "wf-B"), ("headless", None)):
+        history.record("personalize.start", {"prompt_id": prompt, "node": "3", "workflow": workflow, "steps": 1})
+    assert [r["prompt_id"] for r in history.runs(node="3", workflow="wf-A")] == ["headless", "a"]
+    assert [r["prompt_id"] for r in history.runs(node="3", workflow="wf-B")] == ["headless", "b"]
+    assert len(history.runs(node="3")) == 3
+    assert "workflow" not in history.runs(prompt_id="a")[0]["summary"]
+
+
 def test_history_route_is_registered_on_the_runtimes_server(live, comfy_runtime):
     """The pack adds its route at import; the in-process stub server still boots and lists it."""
     assert live.routes.register() is True  # idempotent: a second import adds nothing
@@ -173,6 +185,23 @@ def test_events_reach_the_queuing_client_and_the_history_route(comfy_server, tin
     assert [p[0] for p in runs[0]["points"]] == [1, 2, 3, 4]
     assert [p["step"] for p in runs[0]["previews"]] == [2, 4]
     assert comfy_server.get("/api/personalize/runs").status_code == 200  # the frontend's api.fetchApi prefix
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_run_records_the_workflow_that_queued_it(comfy_server, tiny_checkpoint, server_data):
+    """The frontend sends its workflow (with the graph's id) in extra_pnginfo: the run carries that id in its events
+    and in the history, so a page showing another workflow with the same node ids does not take the run as its own."""
+    prompt = preview_prompt(tiny_checkpoint, server_data, steps=1, every=0, run_name="ws_workflow")
+    prompt_id = comfy_server.queue(prompt, extra_data={"extra_pnginfo": {"workflow": {"id": "wf-queued", "nodes": []}}})
+    comfy_server.wait(prompt_id, timeout=300)
+    (start,) = comfy_server.events_for(prompt_id, "personalize.start")
+    assert start["data"]["workflow"] == "wf-queued"
+    node = start["data"]["node"]
+    mine = comfy_server.get("/personalize/runs", params={"node": node, "workflow": "wf-queued"}).json()["runs"]
+    other = comfy_server.get("/personalize/runs", params={"node": node, "workflow": "wf-other"}).json()["runs"]
+    assert prompt_id in [r["prompt_id"] for r in mine] and mine[0]["workflow"] == "wf-queued"
+    assert prompt_id not in [r["prompt_id"] for r in other]
 
 
 @pytest.mark.server

@@ -129,14 +129,14 @@ def test_live_view_chart_previews_reload_and_cancel(browser, comfy_server, tiny_
     as_loaded = _load_example(page, values)
     # The frontend reads every widget value of the example where the API twin has it (seed controls included).
     assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in as_loaded.items()} == json.loads(LORA_API.read_text())
-    # The session's server may hold an earlier run of another graph's node 3 (the view restores it): the new
-    # run is the one with another prompt id.
+    # The session's server may hold an earlier, finished run of a headless graph's node 3 (the view restores runs
+    # queued without a workflow, and may do so only now): the new run is the running one with another prompt id.
     earlier = _live(page)
     assert earlier["status"] != "running", earlier
     page.evaluate("() => window.comfyAPI.app.app.queuePrompt(0, 1)")
 
-    state = _wait_live(page, lambda s: s["promptId"] != earlier["promptId"] and int(s["points"]) >= 3,
-                       what="the loss chart")
+    state = _wait_live(page, lambda s: s["promptId"] != earlier["promptId"] and s["status"] == "running"
+                       and int(s["points"]) >= 3, what="the loss chart")
     assert "loss" in state["status_text"] and "/400" in state["status_text"]
     page.locator(LIVE).screenshot(path=str(SHOTS / "1_chart.png"))
     state = _wait_live(page, lambda s: s["images"] and all(i["loaded"] for i in s["images"]), what="a preview image")
@@ -177,6 +177,18 @@ def test_live_view_chart_previews_reload_and_cancel(browser, comfy_server, tiny_
     state = _wait_live(page, lambda s: s["status"] == "error" and s["promptId"] != prompt_id, what="the error on the node")
     assert "`steps`=2" in state["note"] and int(state["points"]) == 0, state
     page.locator(LIVE).screenshot(path=str(SHOTS / "5_error.png"))
+
+    # Another workflow with the same node ids (the example saved under a new id): its node 3 shows none of the runs
+    # above, which belong to the example's workflow.
+    ours_runs = {prompt_id, state["promptId"]}
+    other_id = "0b6c54f3-2f4e-4d8a-9a51-3c1d2e7f8a90"
+    page.evaluate("""async ([workflow, id]) => {
+        await window.comfyAPI.app.app.loadGraphData({...workflow, id}); }""", [json.loads(LORA_UI.read_text()), other_id])
+    _wait_graph_settled(page)
+    assert page.evaluate("() => window.comfyAPI.app.app.graph.id") == other_id
+    time.sleep(1.0)  # the view's restore request
+    state = _live(page)
+    assert state["promptId"] not in ours_runs and state["status"] != "running", state
 
     ours = [e for e in errors if "live_training" in e or "live_chart" in e]  # the frontend has a few of its own
     assert not ours, ours

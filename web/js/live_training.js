@@ -45,6 +45,18 @@ function viewUrl(ref) {
   return api.apiURL(`/view?${query}`);
 }
 
+/** The open workflow's id (the frontend sends it with every queued prompt), or null for an unsaved, id-less graph. */
+function workflowId() {
+  const id = app.graph?.id;
+  return id && !/^0{8}-0{4}-0{4}-0{4}-0{12}$/.test(id) ? String(id) : null;
+}
+
+/** Node ids repeat across workflows: a run belongs here when it came from this workflow, or from none (headless). */
+function fromThisWorkflow(workflow) {
+  const current = workflowId();
+  return !workflow || !current || workflow === current;
+}
+
 function emptyRun(promptId) {
   return { prompt_id: promptId, status: "running", points: [], last: null, previews: [], checkpoint: null, end: null,
     error: null, preview_error: null, summary: {} };
@@ -92,7 +104,7 @@ class LiveView {
       this.run.error = this.run.error ?? data.exception_message;
       return this.render();
     }
-    if (String(data.node) !== String(this.node.id)) return;
+    if (String(data.node) !== String(this.node.id) || !fromThisWorkflow(data.workflow)) return;
     const kind = type.slice("personalize.".length);
     if (kind === "start") this.run = emptyRun(data.prompt_id);
     this.ensureRun(data.prompt_id);
@@ -124,7 +136,9 @@ class LiveView {
   async restore() {
     if (this.node.id == null || this.node.id < 0) return;
     try {
-      const response = await api.fetchApi(`/personalize/runs?node=${encodeURIComponent(this.node.id)}`);
+      const query = new URLSearchParams({ node: String(this.node.id) });
+      if (workflowId()) query.set("workflow", workflowId());
+      const response = await api.fetchApi(`/personalize/runs?${query}`);
       if (!response.ok) return;
       const [latest] = (await response.json()).runs ?? [];
       if (!latest) return;
