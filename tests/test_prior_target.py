@@ -78,3 +78,18 @@ def test_a_method_that_cannot_bypass_its_weights_is_refused(pack, base, data, tm
 def test_unknown_prior_target_is_refused(pack):
     with pytest.raises(ValueError, match="`prior_target`"):
         pack.job.TrainJob(prior_target="teacher")
+
+
+def test_a_method_under_training_control_keeps_its_base_behaviour(pack, comfy_runtime, base, data, tmp_path):
+    """Trained under a ControlNet (Personalize Training Control), the method is wrapped; the wrapper hands the base
+    behaviour through, so the base-model prior target works under control too (it used to raise)."""
+    under_control = comfy_runtime.pack_import("trainers.methods.controlnet").UnderControl
+    model, _, _ = base
+    latent, cond = data.class_samples[0].latent[None], data.class_samples[0].conditioning
+    expected = _denoise(model, latent, cond)
+    result, method = _train(pack, base, data, tmp_path, "lora", steps=2, lr=1e-2, prior_target="base_model")
+    trained = _denoise(result.attached.model, latent, cond)
+    with under_control(method, None).base_behaviour():
+        bypassed = _denoise(result.attached.model, latent, cond, load=False)
+    assert not torch.allclose(trained, expected, atol=1e-5), "training changed nothing"
+    torch.testing.assert_close(bypassed, expected, rtol=0, atol=1e-6)
