@@ -93,6 +93,9 @@ class PretrainConfig:
     """The recipe. Defaults are the cached checkpoint's; any change gets its own cache file."""
 
     n_images: int = 4096  # distinct base-world training images (rendered once)
+    # A base caption ("a green triangle") left out of the UNet's training data: does the base model compose a colour
+    # and a shape it never saw together? (What a recolour prompt asks of a personalized subject.)
+    holdout: str = ""
     n_eval_images: int = 96  # held-out images for the autoencoder PSNR
     n_codec_images: int = 2048  # world.codec_dataset images (all shapes, random hues): autoencoder only
     # Autoencoder (TAESD layout)
@@ -141,6 +144,17 @@ class PretrainConfig:
         if not changed:
             return ""
         return "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def base_items(config: PretrainConfig, seed: int) -> list:
+    """The UNet's training images: ``n_images`` base-world images, without the held-out caption if any."""
+    if not config.holdout:
+        return world.base_dataset(config.n_images, seed=seed)
+    if config.holdout not in base_prompts():
+        raise ValueError(f"--holdout {config.holdout!r} is not a base caption; use one of {sorted(base_prompts())}")
+    combos = len(world.base_combos())
+    every = world.base_dataset(config.n_images * combos // (combos - 1) + combos, seed=seed)
+    return [item for item in every if item.caption != config.holdout][:config.n_images]
 
 
 def _log(*parts) -> None:
@@ -213,7 +227,7 @@ def upgrade_previous_version(previous: Path, seed: int, config: PretrainConfig, 
 
     sd, metadata = load_file(str(previous)), checkpoint_metadata(previous)
     ae = taesd_from_state_dict(sd)
-    images = images_tensor(world.base_dataset(config.n_images, seed=seed))
+    images = images_tensor(base_items(config, seed))
     figures = anchored_codec_stage(ae, images, codec_images(config, seed), config, seed, log=log)
     for k, v in ae.state_dict().items():
         sd[VAE_PREFIX + k] = v.detach().to(torch.float16).contiguous()
@@ -376,7 +390,7 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
     timings = {}
     # 1. Data.
     t = time.perf_counter()
-    items = world.base_dataset(config.n_images, seed=seed)
+    items = base_items(config, seed)
     images = images_tensor(items)
     eval_images = images_tensor(world.base_dataset(config.n_eval_images, seed=seed + 10_000))
     captions = [world.caption(s, c) for s, c in world.base_combos()]
