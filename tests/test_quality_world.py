@@ -110,6 +110,17 @@ def test_base_dataset_is_balanced_and_leaves_the_concept_out():
     assert all(it.image.size == (64, 64) and it.image.mode == "RGB" for it in items)
 
 
+def test_a_held_out_caption_leaves_the_unet_data_and_the_cache_name():
+    config = pretrain.PretrainConfig(n_images=44, holdout="a green square")
+    items = pretrain.base_items(config, seed=0)
+    captions = [item.caption for item in items]
+    assert len(items) == 44 and "a green square" not in captions and len(set(captions)) == 11
+    assert all(captions.count(c) == 4 for c in set(captions))
+    assert pretrain.checkpoint_path(seed=0, config=config) != pretrain.checkpoint_path(seed=0)
+    with pytest.raises(ValueError, match="not a base caption"):
+        pretrain.base_items(pretrain.PretrainConfig(holdout="a purple cross"), seed=0)
+
+
 def test_codec_images_cover_every_shape_and_many_hues():
     """The autoencoder's extra data: deterministic, every shape (the concept's cross too), hues all round
     the wheel, so the world's VAE can draw what a method learns (the UNet never sees these)."""
