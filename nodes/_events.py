@@ -40,9 +40,8 @@ class RunHistory:
             if run is None or kind == "start":
                 self._runs.pop(key, None)
                 run = {"prompt_id": key[0], "node": key[1], "workflow": message.get("workflow"), "status": "running",
-                       "started": time.time(),
-                       "summary": {}, "points": [], "stride": 1, "last": None, "previews": [], "checkpoint": None,
-                       "end": None, "error": None, "preview_error": None}
+                       "started": time.time(), "summary": {}, "points": [], "stride": 1, "last": None, "previews": [],
+                       "checkpoint": None, "end": None, "error": None, "preview_error": None}
                 self._runs[key] = run
                 while len(self._runs) > self.max_runs:
                     self._runs.popitem(last=False)
