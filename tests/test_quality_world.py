@@ -119,6 +119,11 @@ def test_a_held_out_caption_leaves_the_unet_data_and_the_cache_name():
     assert pretrain.checkpoint_path(seed=0, config=config) != pretrain.checkpoint_path(seed=0)
     with pytest.raises(ValueError, match="not a base caption"):
         pretrain.base_items(pretrain.PretrainConfig(holdout="a purple cross"), seed=0)
+    # A shape left in one colour only, as a personalization subject is.
+    config = pretrain.PretrainConfig(n_images=27, holdout="a red triangle, a green triangle, a blue triangle")
+    captions = [item.caption for item in pretrain.base_items(config, seed=0)]
+    assert len(captions) == 27 and [c for c in set(captions) if "triangle" in c] == ["a yellow triangle"]
+    assert all(captions.count(c) == 3 for c in set(captions))
 
 
 def test_codec_images_cover_every_shape_and_many_hues():

@@ -93,8 +93,8 @@ class PretrainConfig:
     """The recipe. Defaults are the cached checkpoint's; any change gets its own cache file."""
 
     n_images: int = 4096  # distinct base-world training images (rendered once)
-    # A base caption ("a green triangle") left out of the UNet's training data: does the base model compose a colour
-    # and a shape it never saw together? (What a recolour prompt asks of a personalized subject.)
+    # Base captions left out of the UNet's training data, comma-separated ("a green square"): does the base model
+    # compose a colour and a shape it never saw together? (What a recolour prompt asks of a personalized subject.)
     holdout: str = ""
     n_eval_images: int = 96  # held-out images for the autoencoder PSNR
     n_codec_images: int = 2048  # world.codec_dataset images (all shapes, random hues): autoencoder only
@@ -147,14 +147,17 @@ class PretrainConfig:
 
 
 def base_items(config: PretrainConfig, seed: int) -> list:
-    """The UNet's training images: ``n_images`` base-world images, without the held-out caption if any."""
-    if not config.holdout:
+    """The UNet's training images: ``n_images`` base-world images, without the held-out captions if any."""
+    held_out = {c.strip() for c in config.holdout.split(",") if c.strip()}
+    if not held_out:
         return world.base_dataset(config.n_images, seed=seed)
-    if config.holdout not in base_prompts():
-        raise ValueError(f"--holdout {config.holdout!r} is not a base caption; use one of {sorted(base_prompts())}")
+    unknown = sorted(held_out - set(base_prompts()))
+    if unknown or len(held_out) >= len(base_prompts()):
+        raise ValueError(f"--holdout {config.holdout!r}: {unknown or 'every caption'} is not a base caption to leave "
+                         f"out; use some of {sorted(base_prompts())}, comma-separated")
     combos = len(world.base_combos())
-    every = world.base_dataset(config.n_images * combos // (combos - 1) + combos, seed=seed)
-    return [item for item in every if item.caption != config.holdout][:config.n_images]
+    every = world.base_dataset(config.n_images * combos // (combos - len(held_out)) + combos, seed=seed)
+    return [item for item in every if item.caption not in held_out][:config.n_images]
 
 
 def _log(*parts) -> None:
