@@ -186,8 +186,7 @@ def test_live_view_chart_previews_reload_and_cancel(browser, comfy_server, tiny_
         await window.comfyAPI.app.app.loadGraphData({...workflow, id}); }""", [json.loads(LORA_UI.read_text()), other_id])
     _wait_graph_settled(page)
     assert page.evaluate("() => window.comfyAPI.app.app.graph.id") == other_id
-    time.sleep(1.0)  # the view's restore request
-    state = _live(page)
+    state = _wait_live(page, lambda s: int(s.get("restored", 0)) >= 1, what="the new view's history request")
     assert state["promptId"] not in ours_runs and state["status"] != "running", state
 
     ours = [e for e in errors if "live_training" in e or "live_chart" in e]  # the frontend has a few of its own

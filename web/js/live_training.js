@@ -137,7 +137,8 @@ class LiveView {
     if (this.node.id == null || this.node.id < 0) return;
     try {
       const query = new URLSearchParams({ node: String(this.node.id) });
-      if (workflowId()) query.set("workflow", workflowId());
+      const workflow = workflowId();
+      if (workflow) query.set("workflow", workflow);
       const response = await api.fetchApi(`/personalize/runs?${query}`);
       if (!response.ok) return;
       const [latest] = (await response.json()).runs ?? [];
@@ -149,6 +150,8 @@ class LiveView {
       this.render();
     } catch (error) {
       console.warn("personalize: could not restore the training history", error);
+    } finally {
+      this.root.dataset.restored = String(Number(this.root.dataset.restored ?? 0) + 1); // restores answered so far
     }
   }
 
