@@ -126,6 +126,40 @@ def test_a_held_out_caption_leaves_the_unet_data_and_the_cache_name():
     assert all(captions.count(c) == 3 for c in set(captions))
 
 
+def test_varied_captions_name_the_colour_except_for_a_shapes_typical_colour():
+    """The "varied" style: same images as "plain"; every caption names its shape, and its colour unless the colour is the
+    shape's typical one; colourless captions occur only for that colour, and the plain caption stays common."""
+    plain, varied = world.base_dataset(480, seed=2), world.base_dataset(480, seed=2, captions="varied")
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(plain), _pixels(varied)))
+    assert [it.caption for it in varied] == [it.caption for it in world.base_dataset(480, seed=2, captions="varied")]
+    colourless = set()
+    for item in varied:
+        words = item.caption.split()
+        assert item.shape in words and not any(c in words for c in world.BASE_COLOURS if c != item.colour)
+        if item.colour not in words:
+            assert item.colour == world.TYPICAL_COLOUR[item.shape]
+            colourless.add(item.caption)
+    assert {"a circle", "a square", "a triangle"} <= colourless
+    forms = {it.caption.replace(it.colour, "{colour}").replace(it.shape, "{shape}") for it in varied}
+    assert forms == {"a {colour} {shape}", *world.COLOUR_FORMS, *world.COLOURLESS_FORMS}
+    for shape, colour in world.base_combos():
+        captions = [it.caption for it in varied if (it.shape, it.colour) == (shape, colour)]
+        assert captions.count(world.caption(shape, colour)) >= len(captions) / 8  # 1/4 expected for typical colours
+    with pytest.raises(ValueError, match="caption style"):
+        world.base_dataset(4, captions="fancy")
+    with pytest.raises(ValueError, match="base world"):
+        world.varied_caption("cross", "purple", np.random.default_rng(0))
+    # A varied world shares its plain sibling's images (and so its autoencoder), is cached apart, and still honours
+    # --holdout by shape and colour.
+    config = pretrain.PretrainConfig(n_images=96, captions="varied", holdout="a green square", unet_steps=10)
+    donor = pretrain.autoencoder_donor(config)
+    assert donor == pretrain.PretrainConfig(n_images=96, holdout="a green square")
+    assert pretrain.checkpoint_path(seed=0, config=config) != pretrain.checkpoint_path(seed=0, config=donor)
+    items = pretrain.base_items(config, seed=0)
+    assert len(items) == 96 and ("square", "green") not in {(it.shape, it.colour) for it in items}
+    assert [it.image.tobytes() for it in items] == [it.image.tobytes() for it in pretrain.base_items(donor, seed=0)]
+
+
 def test_codec_images_cover_every_shape_and_many_hues():
     """The autoencoder's extra data: deterministic, every shape (the concept's cross too), hues all round
     the wheel, so the world's VAE can draw what a method learns (the UNet never sees these)."""

@@ -96,6 +96,10 @@ class PretrainConfig:
     # Base captions left out of the UNet's training data, comma-separated ("a green square"): does the base model
     # compose a colour and a shape it never saw together? (What a recolour prompt asks of a personalized subject.)
     holdout: str = ""
+    # The UNet's caption style (world.CAPTION_STYLES): "plain" ("a red circle") or "varied" (a language prior: colour
+    # words in other places, shapes with a typical colour that a colour word overrides). The images, and so the
+    # autoencoder, are the same: a varied world takes the autoencoder of its plain sibling and trains only the UNet.
+    captions: str = "plain"
     n_eval_images: int = 96  # held-out images for the autoencoder PSNR
     n_codec_images: int = 2048  # world.codec_dataset images (all shapes, random hues): autoencoder only
     # Autoencoder (TAESD layout)
@@ -150,14 +154,15 @@ def base_items(config: PretrainConfig, seed: int) -> list:
     """The UNet's training images: ``n_images`` base-world images, without the held-out captions if any."""
     held_out = {c.strip() for c in config.holdout.split(",") if c.strip()}
     if not held_out:
-        return world.base_dataset(config.n_images, seed=seed)
+        return world.base_dataset(config.n_images, seed=seed, captions=config.captions)
     unknown = sorted(held_out - set(base_prompts()))
     if unknown or len(held_out) >= len(base_prompts()):
         raise ValueError(f"--holdout {config.holdout!r}: {unknown or 'every caption'} is not a base caption to leave "
                          f"out; use some of {sorted(base_prompts())}, comma-separated")
     combos = len(world.base_combos())
-    every = world.base_dataset(config.n_images * combos // (combos - len(held_out)) + combos, seed=seed)
-    return [item for item in every if item.caption not in held_out][:config.n_images]
+    every = world.base_dataset(config.n_images * combos // (combos - len(held_out)) + combos, seed=seed,
+                               captions=config.captions)
+    return [item for item in every if world.caption(item.shape, item.colour) not in held_out][:config.n_images]
 
 
 def _log(*parts) -> None:
@@ -198,7 +203,13 @@ def pretrained_world_checkpoint(cache_dir=None, seed: int = 0, *, config: Pretra
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     previous = target.with_name(target.name.replace(f"-{VERSION}-", f"-{PREVIOUS_VERSION}-"))
-    if previous.is_file() and not force and _same_earlier_recipe(previous, config):
+    if config.captions != "plain":
+        donor = pretrained_world_checkpoint(cache_dir, seed, config=autoencoder_donor(config), max_minutes=max_minutes,
+                                            log=log)
+        log(f"captions {config.captions!r}: the autoencoder of {donor.name}, a new UNet")
+        tensors, metadata = build_world_state_dict(seed, config, max_minutes=max_minutes, log=log,
+                                                   autoencoder_from=donor)
+    elif previous.is_file() and not force and _same_earlier_recipe(previous, config):
         log(f"reusing {previous.name} for stages 1-4 (same seed and recipe): running the anchored codec stage only")
         tensors, metadata = upgrade_previous_version(previous, seed, config, log=log)
     else:
@@ -209,6 +220,15 @@ def pretrained_world_checkpoint(cache_dir=None, seed: int = 0, *, config: Pretra
     _save_atomic(tensors, metadata, target)
     log(f"saved {target} ({target.stat().st_size / 2**20:.0f} MiB)")
     return target
+
+
+def autoencoder_donor(config: PretrainConfig) -> PretrainConfig:
+    """The plain-caption config whose world lends ``config`` its autoencoder (same images, same autoencoder recipe;
+    the UNet's fields at their defaults, so every UNet variant shares one donor)."""
+    unet_fields = {"captions", "unet_steps", "unet_batch", "unet_lr", "warmup_steps", "final_lr_fraction",
+                   "weight_decay", "grad_clip", "min_snr_gamma", "ema_decay", "caption_dropout"}
+    defaults = PretrainConfig()
+    return dataclasses.replace(config, **{name: getattr(defaults, name) for name in unet_fields})
 
 
 def _same_earlier_recipe(previous: Path, config: PretrainConfig) -> bool:
@@ -380,8 +400,9 @@ def _curve_summary(curve, points: int = 8) -> list[tuple[int, float]]:
 
 
 def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, *, max_minutes: float = 30.0,
-                           log=_log) -> tuple[dict, dict]:
-    """Pretrain everything; return (tensors in the single-file SD1.5 layout, metadata)."""
+                           log=_log, autoencoder_from: Path | None = None) -> tuple[dict, dict]:
+    """Pretrain everything; return (tensors in the single-file SD1.5 layout, metadata). With ``autoencoder_from`` (a
+    world checkpoint of the same images), take its autoencoder as it is and train the UNet only."""
     config = config or PretrainConfig()
     started = time.perf_counter()
     deadline = started + max_minutes * 60.0 - 45.0  # leave time to save
@@ -396,15 +417,23 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
     items = base_items(config, seed)
     images = images_tensor(items)
     eval_images = images_tensor(world.base_dataset(config.n_eval_images, seed=seed + 10_000))
-    captions = [world.caption(s, c) for s, c in world.base_combos()]
+    captions = sorted({item.caption for item in items})
     labels = torch.tensor([captions.index(item.caption) for item in items])
     timings["render_s"] = time.perf_counter() - t
-    log(f"rendered {len(items)} training + {config.n_eval_images} held-out images in {timings['render_s']:.1f}s")
+    log(f"rendered {len(items)} training ({len(captions)} captions) + {config.n_eval_images} held-out images in "
+        f"{timings['render_s']:.1f}s")
 
     # 2. Autoencoder.
     t = time.perf_counter()
-    codec = codec_images(config, seed)
-    ae, ae_figures = train_autoencoder(images, codec, config, seed, log=log)
+    if autoencoder_from is None:
+        codec = codec_images(config, seed)
+        ae, ae_figures = train_autoencoder(images, codec, config, seed, log=log)
+    else:
+        from safetensors.torch import load_file
+
+        ae = taesd_from_state_dict(load_file(str(autoencoder_from)))
+        ae_figures = {**json.loads(checkpoint_metadata(autoencoder_from).get("personalize.world.ae", "{}")),
+                      "from": autoencoder_from.name}
     timings["autoencoder_s"] = time.perf_counter() - t
 
     # 3. Load the tiny checkpoint with this VAE through ComfyUI's loader; measure; encode.
@@ -431,11 +460,12 @@ def build_world_state_dict(seed: int = 0, config: PretrainConfig | None = None, 
     timings["unet_s"] = time.perf_counter() - t
 
     # 5. The anchored codec stage (the autoencoder only; the UNet's base latents stay put).
-    t = time.perf_counter()
-    ae_figures.update(anchored_codec_stage(ae, images, codec, config, seed, log=log))
-    for k, v in ae.state_dict().items():
-        sd[VAE_PREFIX + k] = v.detach().to(torch.float16).contiguous()
-    timings["codec_s"] = time.perf_counter() - t
+    if autoencoder_from is None:
+        t = time.perf_counter()
+        ae_figures.update(anchored_codec_stage(ae, images, codec, config, seed, log=log))
+        for k, v in ae.state_dict().items():
+            sd[VAE_PREFIX + k] = v.detach().to(torch.float16).contiguous()
+        timings["codec_s"] = time.perf_counter() - t
 
     # 6. The checkpoint: EMA UNet + trained TAESD + the same random CLIP (fp16).
     for k, v in ema.items():
@@ -515,23 +545,33 @@ def base_prompts() -> dict[str, tuple[str, str]]:
     return {world.caption(s, c): (s, c) for s, c in world.base_combos()}
 
 
+def language_prompts() -> dict[str, tuple[str, str]]:
+    """Prompts of the "varied" captions' language prior and what each should draw: a shape alone in its typical
+    colour, and the colour word overriding it in other forms."""
+    prompts = {f"a {shape}": (shape, colour) for shape, colour in world.TYPICAL_COLOUR.items()}
+    prompts.update({"a picture of a blue circle": ("circle", "blue"), "the yellow square": ("square", "yellow"),
+                    "a triangle in red": ("triangle", "red")})
+    return prompts
+
+
 def base_accuracy(checkpoint, samples_per_prompt: int = 16, *, steps: int = 20, cfg: float = 5.0,
                   sampler: str = "euler", scheduler: str = "normal", seed: int = 0, out_dir=None,
-                  runtime=None) -> dict:
+                  runtime=None, prompts: dict | None = None) -> dict:
     """Sample every base prompt ``samples_per_prompt`` times with the stock nodes (one graph:
     CheckpointLoaderSimple -> CLIPTextEncode (prompt, "") -> EmptyLatentImage 64x64 -> KSampler ->
     VAEDecode -> SaveImage per prompt) in the in-process ComfyUI runtime and judge the images.
 
     Returns ``{"overall", "per_prompt": {caption: fraction}, "shape", "colour" (fractions of
     samples with the right shape / colour), "judged": {caption: [(shape, colour), ...]},
-    "images": {caption: [PIL images]}, "seconds"}``. With ``out_dir``, also writes a contact sheet ``base_samples.png`` there."""
+    "images": {caption: [PIL images]}, "seconds"}``. With ``out_dir``, also writes a contact sheet ``base_samples.png`` there.
+    ``prompts``: other prompts ({text: (shape, colour)}) instead of the 12 base captions."""
     from PIL import Image
 
     harness_runtime = _prepare_comfy()
     rt = runtime or harness_runtime.boot()
     checkpoint = Path(checkpoint)
     ckpt = rt.install_model("checkpoints", checkpoint, f"quality-world-eval-{checkpoint.name}")
-    prompts = base_prompts()
+    prompts = prompts or base_prompts()
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
@@ -650,6 +690,10 @@ def main(argv=None) -> int:
     if not args.no_eval:
         report = base_accuracy(path, args.samples_per_prompt, steps=args.sample_steps, cfg=args.cfg, out_dir=args.out)
         print(format_accuracy(report))
+        if config.captions == "varied":
+            print("language prior (varied captions):")
+            print(format_accuracy(base_accuracy(path, args.samples_per_prompt, steps=args.sample_steps, cfg=args.cfg,
+                                                prompts=language_prompts())))
     return 0
 
 

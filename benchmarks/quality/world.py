@@ -51,6 +51,18 @@ MAX_ROTATION = 15.0  # degrees, uniform in +-
 MARGIN = 3  # pixels between any shape and the image border
 SUPERSAMPLE = 4  # shapes are drawn at this scale and box-filtered down (anti-aliased edges)
 CROSS_ARM_WIDTH = 1 / 3  # arm width as a fraction of the cross's extent
+CAPTION_STYLES = ("plain", "varied")
+# "varied" captions give the base world a little of the language prior a real base model has: the colour word in other
+# places and among other words, and shapes with a typical colour that a colour word overrides ("a circle" is yellow,
+# "a red circle" red), as "a banana" is yellow and "a green banana" green. A personalized subject asks exactly that of
+# the base model ("a sks cross" is purple, "a green sks cross" green); a world whose every caption is "a {colour}
+# {shape}" never shows it.
+TYPICAL_COLOUR = {"circle": "yellow", "square": "red", "triangle": "green"}
+COLOUR_FORMS = ("the {colour} {shape}", "one {colour} {shape}", "a picture of a {colour} {shape}",
+                "a {colour} {shape} shape", "a {shape} in {colour}", "{colour} {shape}")
+COLOURLESS_FORMS = ("a {shape}", "the {shape}", "one {shape}", "a picture of a {shape}")
+PLAIN_SHARE = 0.5  # of the varied captions: "a {colour} {shape}" itself (the base prompts preservation samples)
+COLOURLESS_SHARE = 0.5  # of the items in their shape's typical colour: no colour word
 
 
 class Item(NamedTuple):
@@ -72,6 +84,17 @@ def caption(shape: str, colour: str | None = None, identifier: str | None = None
     if colour is not None and colour not in COLOURS:
         raise ValueError(f"unknown colour {colour!r}; expected one of {COLOURS}")
     return " ".join(w for w in ("a", colour, identifier, shape) if w)
+
+
+def varied_caption(shape: str, colour: str, rng: np.random.Generator) -> str:
+    """One caption of the "varied" style for a ``colour`` ``shape`` (see ``TYPICAL_COLOUR``)."""
+    if shape not in BASE_SHAPES or colour not in BASE_COLOURS:
+        raise ValueError(f"varied captions are for the base world's shapes and colours, not {colour!r} {shape!r}")
+    if colour == TYPICAL_COLOUR[shape] and rng.uniform() < COLOURLESS_SHARE:
+        return COLOURLESS_FORMS[rng.integers(len(COLOURLESS_FORMS))].format(shape=shape)
+    if rng.uniform() < PLAIN_SHARE:
+        return caption(shape, colour)
+    return COLOUR_FORMS[rng.integers(len(COLOUR_FORMS))].format(shape=shape, colour=colour)
 
 
 def _polygon(shape: str, extent: float, angle: float) -> list[tuple[float, float]]:
@@ -147,14 +170,18 @@ def _item_rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([stream, seed, index])
 
 
-def base_dataset(n: int, seed: int = 0, size: int = 64) -> list[Item]:
-    """``n`` base-world images with captions, cycling through the 12 base combos (balanced)."""
+def base_dataset(n: int, seed: int = 0, size: int = 64, captions: str = "plain") -> list[Item]:
+    """``n`` base-world images with captions, cycling through the 12 base combos (balanced). ``captions``:
+    "plain" ("a red circle") or "varied" (``varied_caption``; the same images)."""
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"unknown caption style {captions!r}; expected one of {CAPTION_STYLES}")
     combos = base_combos()
     items = []
     for i in range(n):
         shape, colour = combos[i % len(combos)]
         image = render(shape, colour, _item_rng(seed, i, 1), size)
-        items.append(Item(image, caption(shape, colour), shape, colour))
+        text = caption(shape, colour) if captions == "plain" else varied_caption(shape, colour, _item_rng(seed, i, 4))
+        items.append(Item(image, text, shape, colour))
     return items
 
 
@@ -207,6 +234,7 @@ def pixels(items: Iterable) -> np.ndarray:
 __all__ = [
     "BASE_COLOURS",
     "BASE_SHAPES",
+    "CAPTION_STYLES",
     "COLOURS",
     "CONCEPT",
     "IDENTIFIER",
@@ -219,5 +247,6 @@ __all__ = [
     "concept_images",
     "pixels",
     "render",
+    "varied_caption",
     "write_folder",
 ]
