@@ -26,7 +26,8 @@ Steps, all through ComfyUI's own classes and loaders:
 3. The tiny random checkpoint (``scripts/tiny_model.py``, same seed) with that TAESD is loaded with
    ``comfy.sd.load_state_dict_guess_config`` (what ``CheckpointLoaderSimple`` uses); its VAE round
    trip is measured (PSNR) and it encodes the dataset (``VAE.encode``, then the model's
-   ``process_latent_in``); its CLIP encodes the 12 captions and the empty prompt
+   ``process_latent_in``); its CLIP encodes the captions (the 12 base captions, or the ``--captions varied``
+   forms) and the empty prompt
    (``clip.encode_from_tokens_scheduled(clip.tokenize(text))``, as ``CLIPTextEncode``).
 4. UNet: ``model.model.diffusion_model`` (ComfyUI's ``UNetModel``) trained in place, epsilon
    prediction in the model's own discrete schedule, inputs as ``BaseModel._apply_model`` computes
@@ -38,6 +39,7 @@ Steps, all through ComfyUI's own classes and loaders:
 5. Anchored codec stage: the autoencoder goes on with batches of mostly codec images while the latents
    of base images are held at the frozen encoder's (MSE), so the UNet's latent space does not move
    but held-out colours (the purple of the concept) survive the round trip.
+   A ``--captions varied`` world (same images) skips stages 2 and 5: it takes its plain sibling's autoencoder.
 6. Save: the EMA UNet, the trained TAESD and the unchanged random CLIP-L, in the single-file SD1.5
    layout (fp16, like ``tiny_model``), with the run's figures in the safetensors metadata.
 
