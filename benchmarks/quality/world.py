@@ -12,7 +12,7 @@ first k items of a dataset do not depend on its length.
 
     render(shape, colour, rng, size=64) -> PIL.Image
     caption(shape, colour=None, identifier=None) -> str
-    base_dataset(n, seed=0) -> list[Item]        # the 12 base combos in turn
+    base_dataset(n, seed=0, captions="plain")     # the 12 base combos in turn ("varied": varied_caption)
     concept_images(n=5, seed=0) -> list[Item]    # purple crosses, captioned "a sks cross"
     codec_dataset(n, seed=0) -> list[Image]      # every shape in random hues: autoencoder data only
     write_folder(folder, items) -> list[Path]    # NNNN.png + NNNN.txt
