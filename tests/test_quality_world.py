@@ -158,6 +158,11 @@ def test_varied_captions_name_the_colour_except_for_a_shapes_typical_colour():
     items = pretrain.base_items(config, seed=0)
     assert len(items) == 96 and ("square", "green") not in {(it.shape, it.colour) for it in items}
     assert [it.image.tobytes() for it in items] == [it.image.tobytes() for it in pretrain.base_items(donor, seed=0)]
+    # The UNet's data carries the varied captions, with and without a holdout (the plain donor's does not).
+    for varied_config in (config, pretrain.PretrainConfig(n_images=96, captions="varied")):
+        captions = {it.caption for it in pretrain.base_items(varied_config, seed=0)}
+        assert len(captions) > 12 and captions & set(world.COLOURLESS_FORMS[0].format(shape=s) for s in world.BASE_SHAPES)
+    assert {it.caption for it in pretrain.base_items(donor, seed=0)} <= set(pretrain.base_prompts())
 
 
 def test_codec_images_cover_every_shape_and_many_hues():
