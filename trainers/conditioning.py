@@ -20,6 +20,8 @@ class CaptionConditioner:
     A training text encoder is run on every step with gradients and nothing is cached, except for captions that
     do not use the trained words when only new words train (textual inversion, pivotal): those encode as the
     frozen CLIP does, once.
+    Memos are keyed by caption and latent size: model conds can depend on the image size (SDXL's size
+    conditioning), so one caption in two buckets has two entries.
     """
 
     def __init__(self, patcher, clip, device, *, trains_text_encoder: bool, text_cache=None, clip_fp: str | None = None,
@@ -30,7 +32,11 @@ class CaptionConditioner:
         self.trained_words = tuple(w.lower() for w in trained_words) if trained_words is not None else None
         self.text_cache, self.clip_fp = text_cache, clip_fp
         self.reuse_dataset_conds = clip is None or dataset_clip_key == clip_identity(clip)
-        self._memo: dict[str, dict] = {}
+        self._memo: dict[tuple, dict] = {}
+        # The untrained base's conds (the teacher of prior_target="base_model"), apart from the trained path's:
+        # once the text path has trained, the same caption encodes differently there.
+        self._base_memo: dict[tuple, dict] = {}
+        self.text_path_trains = trains_text_encoder  # ever, unlike trains_text_encoder, which stops
         self.encode_calls = 0
         # A method may rewrite each batch's captions on its CLIP clone (textual inversion: templates, trigger -> token).
         self.caption_transform = getattr(clip, "personalize_caption_transform", None)
@@ -59,14 +65,15 @@ class CaptionConditioner:
         return conditioning
 
     def _sample_conds(self, caption: str, sample: TrainSample, latent) -> dict:
-        if caption in self._memo:
-            return self._memo[caption]
+        key = (caption, tuple(latent.shape[-2:]))
+        if key in self._memo:
+            return self._memo[key]
         if self.reuse_dataset_conds and sample.conditioning is not None and caption == sample.caption:
             conditioning = sample.conditioning
         else:
             conditioning = self._encode(caption)
         conds = self._on_device(encode_sample_conds(self.patcher, conditioning, latent, self.device))
-        self._memo[caption] = conds
+        self._memo[key] = conds
         return conds
 
     def stop_text_encoder_training(self) -> None:
@@ -91,6 +98,26 @@ class CaptionConditioner:
         encoded = iter(encode_captions(self.clip, to_encode) if to_encode else [])
         per_sample = [self._on_device(encode_sample_conds(self.patcher, next(encoded), latent, self.device)) if t
                       else self._sample_conds(c, s, latent) for c, s, t in zip(captions, samples, trained)]
+        return batch_model_conds(per_sample)
+
+    def base_batch(self, captions: list[str], samples: list[TrainSample], latent, rewrite: bool = True) -> dict:
+        """`batch` as the untrained base encodes the captions: call it under the method's `base_behaviour()`.
+        When the text path trains, each caption is encoded once (without gradients) and kept apart from the
+        trained encodes; otherwise the two are the same and share `batch`'s memo."""
+        if not self.text_path_trains:
+            return self.batch(captions, samples, latent, rewrite)
+        if rewrite and self.caption_transform is not None:
+            captions = self.caption_transform(list(captions))
+        per_sample = []
+        for caption in captions:
+            key = (caption, tuple(latent.shape[-2:]))
+            if key not in self._base_memo:
+                self.encode_calls += 1
+                with torch.no_grad():
+                    conditioning = encode_captions(self.clip, [caption])[0]
+                self._base_memo[key] = self._on_device(encode_sample_conds(self.patcher, conditioning, latent,
+                                                                           self.device))
+            per_sample.append(self._base_memo[key])
         return batch_model_conds(per_sample)
 
     def _uses_trained_path(self, caption: str) -> bool:

@@ -288,7 +288,7 @@ def _stream_loss(stream: _Stream, micro_step, job, method, base_model, model_sam
     clean = latents
     if stream.base_model_target:
         with torch.no_grad(), method.base_behaviour(), autocast:
-            base_conds = conditioner.batch(captions, samples, samples[0].latent, rewrite=not stream.is_class)
+            base_conds = conditioner.base_batch(captions, samples, samples[0].latent, rewrite=not stream.is_class)
             clean = denoiser(noised.noisy, noised.sigmas, base_conds, extra).float()
     model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), clean, noised.noisy, noised.sigmas)
     masks = None

@@ -1,0 +1,80 @@
+"""Captions to model conds during training (trainers.conditioning): what the memos may and may not reuse."""
+import pytest
+import torch
+from training import dataset_with_class_images
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def mods(comfy_runtime):
+    class Mods:
+        conditioning = comfy_runtime.pack_import("trainers.conditioning")
+        dataset = comfy_runtime.pack_import("trainers.data.dataset")
+        runtime = comfy_runtime.pack_import("trainers.model_runtime")
+    return Mods
+
+
+def _tiny_sdxl():
+    """A tiny SDXL MODEL from ComfyUI's own SDXL config: its ADM `y` carries the image size."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    unet = {"image_size": 32, "model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
+            "context_dim": 2048, "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4,
+            "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+            "num_head_channels": 16, "transformer_depth_output": [0, 0, 1, 1], "use_spatial_transformer": True,
+            "legacy": False}
+    config = comfy.supported_models.SDXL(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return comfy.model_patcher.ModelPatcher(config.get_model({}), CPU, CPU)
+
+
+def test_one_caption_in_two_buckets_keeps_each_size_conditioning(mods):
+    """SDXL conditions on the image size: a caption shared by a square and a wide image (DreamBooth's one instance
+    prompt) gives each bucket its own `y`, as the sampler would build it, not the first bucket's for both."""
+    sdxl = _tiny_sdxl()
+    caption = "a photo of sks dog"
+    conditioning = [[torch.randn(1, 77, 2048, generator=torch.Generator().manual_seed(0)),
+                     {"pooled_output": torch.randn(1, 1280, generator=torch.Generator().manual_seed(1))}]]
+    square, wide = torch.zeros(4, 8, 8), torch.zeros(4, 8, 12)
+    samples = [mods.dataset.TrainSample(latents=[latent], caption=caption, source=f"{i}.png", conditioning=conditioning)
+               for i, latent in enumerate((square, wide))]
+    conditioner = mods.conditioning.CaptionConditioner(sdxl, None, CPU, trains_text_encoder=False)
+    with torch.inference_mode():
+        got = [conditioner.batch([caption], [s], s.latent)["y"].cond for s in samples]
+        expected = [mods.runtime.encode_sample_conds(sdxl, conditioning, s.latent, CPU)["y"].cond for s in samples]
+    assert not torch.equal(expected[0], expected[1]), "the two sizes should condition differently"
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_the_base_encodes_stay_the_base_once_the_text_encoder_trained(pack, base, mods, tmp_path):
+    """The teacher of prior_target="base_model" encodes class captions as the untrained CLIP does, also after the
+    trained path has memoized the same caption (DreamBooth's text_encoder_fraction stops the text encoder midway,
+    after which both paths memoize)."""
+    model, clip, _ = base
+    data = dataset_with_class_images(pack, base, tmp_path / "data")
+    options = {"rank": 4, "alpha": 4.0, "train_text_encoder": True}
+    job = pack.job.TrainJob(method="lora", steps=3, batch_size=2, learning_rate=1e-2, text_encoder_lr=1e-2, seed=4,
+                            method_options=options, prior_target="base_model", prior_loss_weight=1.0)
+    method = pack.methods.create_method("lora", options)
+    with torch.inference_mode():
+        result = pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path / "ckpt", reporter=None)
+    sample = data.class_samples[0]
+    patcher, trained_clip = result.attached.model, result.attached.clip
+    conditioner = mods.conditioning.CaptionConditioner(patcher, trained_clip, CPU, trains_text_encoder=True)
+    conditioner.stop_text_encoder_training()
+    with torch.inference_mode():
+        expected = mods.runtime.encode_sample_conds(
+            patcher, mods.dataset.encode_captions(clip, [sample.caption])[0], sample.latent, CPU)["c_crossattn"].cond
+        trained = conditioner.batch([sample.caption], [sample], sample.latent)["c_crossattn"].cond
+        with method.base_behaviour():
+            taught = conditioner.base_batch([sample.caption], [sample], sample.latent)["c_crossattn"].cond
+            again = conditioner.base_batch([sample.caption], [sample], sample.latent)["c_crossattn"].cond
+    assert not torch.allclose(trained, expected, atol=1e-5), "the text-encoder LoRA did not train"
+    torch.testing.assert_close(taught, expected, rtol=0, atol=1e-6)
+    assert again is taught or torch.equal(again, taught)
+    calls = conditioner.encode_calls
+    with torch.inference_mode(), method.base_behaviour():
+        conditioner.base_batch([sample.caption] * 2, [sample] * 2, sample.latent)
+    assert conditioner.encode_calls == calls, "a base encode ran again: it never changes, so it is memoized"
