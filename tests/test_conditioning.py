@@ -78,3 +78,30 @@ def test_the_base_encodes_stay_the_base_once_the_text_encoder_trained(pack, base
     with torch.inference_mode(), method.base_behaviour():
         conditioner.base_batch([sample.caption] * 2, [sample] * 2, sample.latent)
     assert conditioner.encode_calls == calls, "a base encode ran again: it never changes, so it is memoized"
+
+
+def test_the_memo_keeps_only_the_most_recent_captions(pack, base, mods):
+    """Caption shuffle/dropout makes a new variant nearly every step: the memo keeps `memo_entries` of them (the
+    most recently used), so a long run does not fill the device with conds, and an evicted caption encodes again
+    to the same conds."""
+    model, clip, _ = base
+    latent = torch.zeros(4, 8, 8)
+    captions = [f"a photo of sks, tag{i}" for i in range(5)]
+    samples = [mods.dataset.TrainSample(latents=[latent], caption=c, source=f"{i}.png") for i, c in enumerate(captions)]
+    conditioner = mods.conditioning.CaptionConditioner(model, clip, CPU, trains_text_encoder=False)
+    conditioner.memo_entries = 3
+    with torch.inference_mode():
+        first = conditioner.batch(captions[:1], samples[:1], latent)["c_crossattn"].cond
+        for caption, sample in zip(captions[1:], samples[1:]):
+            conditioner.batch([caption], [sample], latent)
+            conditioner.batch(captions[:1], samples[:1], latent)  # used every step: stays
+        assert len(conditioner._memo) == 3
+        calls = conditioner.encode_calls
+        assert torch.equal(conditioner.batch(captions[:1], samples[:1], latent)["c_crossattn"].cond, first)
+        assert conditioner.encode_calls == calls, "the most recently used caption was evicted"
+        again = conditioner.batch(captions[1:2], samples[1:2], latent)["c_crossattn"].cond  # evicted: encodes again
+    assert conditioner.encode_calls == calls + 1
+    with torch.inference_mode():
+        expected = mods.runtime.encode_sample_conds(model, mods.dataset.encode_captions(clip, captions[1:2])[0], latent,
+                                                    CPU)["c_crossattn"].cond
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)

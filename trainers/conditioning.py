@@ -3,6 +3,7 @@ an optional on-disk text-encoder cache, and gradients when the text encoder trai
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -21,8 +22,12 @@ class CaptionConditioner:
     do not use the trained words when only new words train (textual inversion, pivotal): those encode as the
     frozen CLIP does, once.
     Memos are keyed by caption and latent size: model conds can depend on the image size (SDXL's size
-    conditioning), so one caption in two buckets has two entries.
+    conditioning), so one caption in two buckets has two entries. They keep the `memo_entries` most recently used
+    captions: caption shuffle or dropout makes a new variant nearly every step, and SDXL conds are ~0.6 MB each on
+    the training device, so an unbounded memo would fill it over a long run.
     """
+
+    memo_entries = 256
 
     def __init__(self, patcher, clip, device, *, trains_text_encoder: bool, text_cache=None, clip_fp: str | None = None,
                  dataset_clip_key=None, trained_words: tuple[str, ...] | None = None):
@@ -32,14 +37,27 @@ class CaptionConditioner:
         self.trained_words = tuple(w.lower() for w in trained_words) if trained_words is not None else None
         self.text_cache, self.clip_fp = text_cache, clip_fp
         self.reuse_dataset_conds = clip is None or dataset_clip_key == clip_identity(clip)
-        self._memo: dict[tuple, dict] = {}
+        self._memo: OrderedDict[tuple, dict] = OrderedDict()
         # The untrained base's conds (the teacher of prior_target="base_model"), apart from the trained path's:
         # once the text path has trained, the same caption encodes differently there.
-        self._base_memo: dict[tuple, dict] = {}
+        self._base_memo: OrderedDict[tuple, dict] = OrderedDict()
         self.text_path_trains = trains_text_encoder  # ever, unlike trains_text_encoder, which stops
         self.encode_calls = 0
         # A method may rewrite each batch's captions on its CLIP clone (textual inversion: templates, trigger -> token).
         self.caption_transform = getattr(clip, "personalize_caption_transform", None)
+
+    def _remember(self, memo: OrderedDict, key: tuple, conds: dict) -> dict:
+        memo[key] = conds
+        while len(memo) > self.memo_entries:
+            memo.popitem(last=False)
+        return conds
+
+    @staticmethod
+    def _recall(memo: OrderedDict, key: tuple) -> dict | None:
+        conds = memo.get(key)
+        if conds is not None:
+            memo.move_to_end(key)
+        return conds
 
     def _on_device(self, model_conds: dict) -> dict:
         return {k: c._copy_with(c.cond.to(self.device)) for k, c in model_conds.items()}
@@ -66,15 +84,15 @@ class CaptionConditioner:
 
     def _sample_conds(self, caption: str, sample: TrainSample, latent) -> dict:
         key = (caption, tuple(latent.shape[-2:]))
-        if key in self._memo:
-            return self._memo[key]
+        remembered = self._recall(self._memo, key)
+        if remembered is not None:
+            return remembered
         if self.reuse_dataset_conds and sample.conditioning is not None and caption == sample.caption:
             conditioning = sample.conditioning
         else:
             conditioning = self._encode(caption)
-        conds = self._on_device(encode_sample_conds(self.patcher, conditioning, latent, self.device))
-        self._memo[key] = conds
-        return conds
+        return self._remember(self._memo, key,
+                              self._on_device(encode_sample_conds(self.patcher, conditioning, latent, self.device)))
 
     def stop_text_encoder_training(self) -> None:
         """The text-encoder groups have stopped: from now on encode once per caption, without gradients.
@@ -111,13 +129,14 @@ class CaptionConditioner:
         per_sample = []
         for caption in captions:
             key = (caption, tuple(latent.shape[-2:]))
-            if key not in self._base_memo:
+            conds = self._recall(self._base_memo, key)
+            if conds is None:
                 self.encode_calls += 1
                 with torch.no_grad():
                     conditioning = encode_captions(self.clip, [caption])[0]
-                self._base_memo[key] = self._on_device(encode_sample_conds(self.patcher, conditioning, latent,
-                                                                           self.device))
-            per_sample.append(self._base_memo[key])
+                conds = self._remember(self._base_memo, key, self._on_device(
+                    encode_sample_conds(self.patcher, conditioning, latent, self.device)))
+            per_sample.append(conds)
         return batch_model_conds(per_sample)
 
     def _uses_trained_path(self, caption: str) -> bool:
