@@ -93,3 +93,19 @@ def test_a_method_under_training_control_keeps_its_base_behaviour(pack, comfy_ru
         bypassed = _denoise(result.attached.model, latent, cond, load=False)
     assert not torch.allclose(trained, expected, atol=1e-5), "training changed nothing"
     torch.testing.assert_close(bypassed, expected, rtol=0, atol=1e-6)
+
+
+def test_the_class_loss_starts_at_zero_with_the_text_encoder_trained_under_autocast(pack, base, data, tmp_path):
+    """A text-encoder LoRA in bf16 autocast: the teacher's class captions are encoded as the student's are (outside
+    autocast), so at step 1, when the weights still equal the base, the base-model target adds nothing."""
+    model, clip, _ = base
+    options = {"rank": 4, "alpha": 4.0, "train_text_encoder": True}
+    losses = []
+    for name, weight in (("w0", 0.0), ("base", 3.0)):
+        job = pack.job.TrainJob(method="lora", steps=1, batch_size=2, learning_rate=1e-3, seed=4, method_options=options,
+                                min_snr_gamma=0.0, precision="bf16", prior_loss_weight=weight, prior_target="base_model")
+        with torch.inference_mode():
+            result = pack.loop.train(job, pack.methods.create_method("lora", options), model, clip, data,
+                                     checkpoint_dir=tmp_path / name, reporter=None)
+        losses.append(result.loss_history[0])
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)

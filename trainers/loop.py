@@ -287,9 +287,11 @@ def _stream_loss(stream: _Stream, micro_step, job, method, base_model, model_sam
         denoised = denoiser(noised.noisy, noised.sigmas, model_conds, extra)
     clean = latents
     if stream.base_model_target:
-        with torch.no_grad(), method.base_behaviour(), autocast:
+        with torch.no_grad(), method.base_behaviour():
+            # Encoded outside autocast, as the trained path's captions are: the teacher differs only by the weights.
             base_conds = conditioner.base_batch(captions, samples, samples[0].latent, rewrite=not stream.is_class)
-            clean = denoiser(noised.noisy, noised.sigmas, base_conds, extra).float()
+            with autocast:
+                clean = denoiser(noised.noisy, noised.sigmas, base_conds, extra).float()
     model_pred, target = objectives.prediction_space(model_sampling, denoised.float(), clean, noised.noisy, noised.sigmas)
     masks = None
     if any(s.masks is not None for s in samples):
