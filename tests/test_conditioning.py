@@ -1,7 +1,7 @@
 """Captions to model conds during training (trainers.conditioning): what the memos may and may not reuse."""
 import pytest
 import torch
-from training import dataset_with_class_images
+from training import dataset_with_class_images, tiny_sdxl
 
 CPU = torch.device("cpu")
 
@@ -15,24 +15,10 @@ def mods(comfy_runtime):
     return Mods
 
 
-def _tiny_sdxl():
-    """A tiny SDXL MODEL from ComfyUI's own SDXL config: its ADM `y` carries the image size."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    unet = {"image_size": 32, "model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
-            "context_dim": 2048, "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4,
-            "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
-            "num_head_channels": 16, "transformer_depth_output": [0, 0, 1, 1], "use_spatial_transformer": True,
-            "legacy": False}
-    config = comfy.supported_models.SDXL(unet)
-    config.set_inference_dtype(torch.float32, None)
-    return comfy.model_patcher.ModelPatcher(config.get_model({}), CPU, CPU)
-
-
 def test_one_caption_in_two_buckets_keeps_each_size_conditioning(mods):
     """SDXL conditions on the image size: a caption shared by a square and a wide image (DreamBooth's one instance
     prompt) gives each bucket its own `y`, as the sampler would build it, not the first bucket's for both."""
-    sdxl = _tiny_sdxl()
+    sdxl = tiny_sdxl()
     caption = "a photo of sks dog"
     conditioning = [[torch.randn(1, 77, 2048, generator=torch.Generator().manual_seed(0)),
                      {"pooled_output": torch.randn(1, 1280, generator=torch.Generator().manual_seed(1))}]]

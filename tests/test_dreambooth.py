@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import comfy.sample
-from training import cancel_then_resume, denoise_x0
+from training import cancel_then_resume, denoise_x0, tiny_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -192,15 +192,7 @@ def test_bad_inputs_get_clear_errors(pack, base, data, db, tmp_path):
 
 def test_sdxl_model_with_sd1_dataset_is_refused(pack, data, db):
     """An SDXL MODEL (tiny, built by ComfyUI's own SDXL config) with a dataset encoded for SD1."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    unet = {"image_size": 32, "model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1], "context_dim": 2048,
-            "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
-            "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1, "num_head_channels": 16,
-            "transformer_depth_output": [0, 0, 1, 1], "use_spatial_transformer": True, "legacy": False}
-    config = comfy.supported_models.SDXL(unet)
-    config.set_inference_dtype(torch.float32, None)
-    sdxl = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
+    sdxl = tiny_sdxl()
     with pytest.raises(ValueError, match="`dataset`.*SDXL"):
         db.method.check_dataset_fits(sdxl, data)
 

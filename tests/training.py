@@ -70,3 +70,20 @@ def denoise_x0(model, cond, latent, sigma: float = 3.0, load: bool = True):
         x = model.model.process_latent_in(latent) + sigma * torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
         model.pre_run()
         return comfy.samplers.calc_cond_batch(model.model, [conds], x, torch.tensor([sigma]), model.model_options)[0]
+
+
+def tiny_sdxl():
+    """A tiny SDXL MODEL built by ComfyUI's own SDXL config (its ADM `y` carries the image size)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    unet = {"image_size": 32, "model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
+            "context_dim": 2048, "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4,
+            "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+            "num_head_channels": 16, "transformer_depth_output": [0, 0, 1, 1], "use_spatial_transformer": True,
+            "legacy": False}
+    config = comfy.supported_models.SDXL(unet)
+    config.set_inference_dtype(torch.float32, None)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(config.get_model({}), cpu, cpu)

@@ -32,6 +32,7 @@ from .model_runtime import (
     make_autograd_safe,
     release_training_model,
     trainable_text_encoder,
+    unload_clones,
 )
 from .optim import build_optimizer, build_scheduler
 from .progress import Reporter
@@ -87,6 +88,9 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     model.model.requires_grad_(False)
     if clip is not None:
         clip.cond_stage_model.requires_grad_(False)
+    unload_clones(model)  # a loaded sibling (e.g. an earlier run's trained MODEL) must not be what we attach to
+    if clip is not None:
+        unload_clones(clip.patcher)
     attached = method.attach(model, clip, torch.Generator().manual_seed(job.seed))
     if attached.trains_text_encoder:
         make_autograd_safe(attached.clip.cond_stage_model)

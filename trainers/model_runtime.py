@@ -141,6 +141,17 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool) -> I
             del block.forward  # drops the instance attribute: the class forward is back
 
 
+def unload_clones(patcher) -> None:
+    """Unload every loaded clone of `patcher`'s module, so the module holds its original weights and forwards again.
+
+    A sibling clone that is still loaded (e.g. a trained LoRA's MODEL that a KSampler used) has its weight and object
+    patches applied to the shared module; a method attaching now would otherwise read them as the base."""
+    for loaded in list(comfy.model_management.current_loaded_models):
+        if loaded.model is not None and loaded.model.is_clone(patcher):
+            loaded.model_unload()
+            comfy.model_management.current_loaded_models.remove(loaded)
+
+
 def load_for_training(patchers: list) -> None:
     """Load models fully onto the compute device through ComfyUI's memory manager."""
     comfy.model_management.load_models_gpu(patchers, memory_required=0, force_full_load=True)

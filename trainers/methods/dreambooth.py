@@ -17,6 +17,7 @@ import comfy.lora
 import comfy.utils
 import torch
 
+from ..model_runtime import unload_clones
 from . import Attached, ParamGroup, TrainingMethod, register_method
 
 WeightDtype = Literal["fp32", "bf16"]
@@ -35,16 +36,6 @@ class DreamBoothConfig:
             raise ValueError(f"`text_encoder_fraction` must be in (0, 1], got {self.text_encoder_fraction}.")
         if self.weight_dtype not in _DTYPES:
             raise ValueError(f"`weight_dtype` must be one of {sorted(_DTYPES)}, got {self.weight_dtype!r}.")
-
-
-def unload_clones(patcher) -> None:
-    """Unload every loaded clone of `patcher`'s module, so the module holds its original weights again."""
-    import comfy.model_management as mm
-
-    for loaded in list(mm.current_loaded_models):
-        if loaded.model is not None and loaded.model.is_clone(patcher):
-            loaded.model_unload()
-            mm.current_loaded_models.remove(loaded)
 
 
 def _weight(patcher, key: str) -> torch.Tensor:
