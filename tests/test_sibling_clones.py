@@ -21,9 +21,9 @@ def _train(pack, base, data, folder, options, steps=3, learning_rate=1e-3):
 @pytest.mark.parametrize("options", [{"rank": 4, "alpha": 4.0}, {"rank": 4, "alpha": 4.0, "train_text_encoder": True}],
                          ids=["unet", "text_encoder"])
 def test_training_after_a_trained_model_was_sampled_is_the_same_training(pack, base, data, tmp_path, options):
-    """An earlier run's trained MODEL, sampled and so left loaded (its LoRA forwards patched into the shared
+    """An earlier run's training clone, sampled and so left loaded (its LoRA forwards patched into the shared
     modules), used to be wrapped by the next run's LoRA: that run trained on top of the other LoRA (other losses,
-    another file). Now both runs lose and learn exactly what a run on a fresh process does."""
+    another file). Now the later run loses and learns exactly what the first run of the process did."""
     fresh = _train(pack, base, data, tmp_path / "fresh", options)
     earlier = _train(pack, base, data, tmp_path / "earlier", {"rank": 4, "alpha": 4.0}, steps=2, learning_rate=1e-2)
     sample = data.class_samples[0]
