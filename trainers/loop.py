@@ -88,7 +88,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     model.model.requires_grad_(False)
     if clip is not None:
         clip.cond_stage_model.requires_grad_(False)
-    unload_clones(model)  # a loaded sibling (e.g. an earlier run's trained MODEL) must not be what we attach to
+    unload_clones(model)  # a loaded sibling's patches (e.g. an earlier run's training clone) are not the base
     if clip is not None:
         unload_clones(clip.patcher)
     attached = method.attach(model, clip, torch.Generator().manual_seed(job.seed))

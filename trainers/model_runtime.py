@@ -144,8 +144,8 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool) -> I
 def unload_clones(patcher) -> None:
     """Unload every loaded clone of `patcher`'s module, so the module holds its original weights and forwards again.
 
-    A sibling clone that is still loaded (e.g. a trained LoRA's MODEL that a KSampler used) has its weight and object
-    patches applied to the shared module; a method attaching now would otherwise read them as the base."""
+    A sibling clone that is still loaded (an earlier run's training clone that was sampled, a MODEL with LoRA patches)
+    has its weight and object patches applied to the shared module; a method attaching now would read them as the base."""
     for loaded in list(comfy.model_management.current_loaded_models):
         if loaded.model is not None and loaded.model.is_clone(patcher):
             loaded.model_unload()
