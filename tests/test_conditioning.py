@@ -46,6 +46,10 @@ def test_the_base_encodes_stay_the_base_once_the_text_encoder_trained(pack, base
     method = pack.methods.create_method("lora", options)
     with torch.inference_mode():
         result = pack.loop.train(job, method, model, clip, data, checkpoint_dir=tmp_path / "ckpt", reporter=None)
+    # In the loop too: each step encodes its instance and class captions on the trained path, and the teacher
+    # each distinct class caption once per run.
+    distinct_class_captions = len({s.caption for s in data.class_samples})
+    assert result.summary["text_encode_calls"] == job.steps * 2 * job.batch_size + distinct_class_captions
     sample = data.class_samples[0]
     patcher, trained_clip = result.attached.model, result.attached.clip
     conditioner = mods.conditioning.CaptionConditioner(patcher, trained_clip, CPU, trains_text_encoder=True)

@@ -53,6 +53,10 @@ class CaptionConditioner:
         return conds
 
     @staticmethod
+    def _key(caption: str, latent: torch.Tensor) -> tuple:
+        return caption, tuple(latent.shape[-2:])
+
+    @staticmethod
     def _recall(memo: OrderedDict, key: tuple) -> dict | None:
         conds = memo.get(key)
         if conds is not None:
@@ -83,7 +87,7 @@ class CaptionConditioner:
         return conditioning
 
     def _sample_conds(self, caption: str, sample: TrainSample, latent) -> dict:
-        key = (caption, tuple(latent.shape[-2:]))
+        key = self._key(caption, latent)
         remembered = self._recall(self._memo, key)
         if remembered is not None:
             return remembered
@@ -128,7 +132,7 @@ class CaptionConditioner:
             captions = self.caption_transform(list(captions))
         per_sample = []
         for caption in captions:
-            key = (caption, tuple(latent.shape[-2:]))
+            key = self._key(caption, latent)
             conds = self._recall(self._base_memo, key)
             if conds is None:
                 self.encode_calls += 1

@@ -17,7 +17,6 @@ import comfy.lora
 import comfy.utils
 import torch
 
-from ..model_runtime import unload_clones
 from . import Attached, ParamGroup, TrainingMethod, register_method
 
 WeightDtype = Literal["fp32", "bf16"]
@@ -117,7 +116,7 @@ class DreamBoothMethod(TrainingMethod):
         if model.weight_wrapper_patches:
             raise ValueError("the `model` carries weight wrappers (e.g. a DoRA being trained); DreamBooth needs plain "
                              "weights: connect the checkpoint's MODEL, optionally with LoRAs applied.")
-        unload_clones(model)
+        # The loop unloaded every loaded clone before attaching (unload_clones): the module holds the base weights.
         keys = _float_params(model.model.diffusion_model, UNET_PREFIX)
         self.base_dtypes = {k: _weight(model, k).dtype for k in keys}
         self.base_model_dtype = getattr(model.model.diffusion_model, "dtype", None)
@@ -132,7 +131,6 @@ class DreamBoothMethod(TrainingMethod):
         if cfg.train_text_encoder:
             if clip is None:
                 raise ValueError("`train_text_encoder` is on but no CLIP is connected: connect the checkpoint's CLIP.")
-            unload_clones(clip.patcher)
             te_keys = _float_params(clip.cond_stage_model)
             self.base_dtypes.update({"te." + k: _weight(clip.patcher, k).dtype for k in te_keys})
             self.text_encoder = _trainable_copies(clip.patcher, te_keys, dtype)
