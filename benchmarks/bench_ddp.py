@@ -54,8 +54,8 @@ def run(job: Path, processes: int, device: str, threads: int, warmup: int) -> di
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stamps, tail = {}, []
     for line in proc.stdout:
-        if line.startswith("PERSONALIZE_EVENT "):
-            event = json.loads(line.split(" ", 1)[1])
+        if "PERSONALIZE_EVENT " in line:
+            event = json.loads(line.split("PERSONALIZE_EVENT ", 1)[1])
             if event["type"] == "personalize.step":
                 stamps[event["data"]["step"]] = time.perf_counter()
         else:

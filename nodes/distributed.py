@@ -183,11 +183,14 @@ def _run_and_relay(command: list[str], total: int, stop_file: Path, send) -> dic
                 continue
             if line is None:
                 break
-            if not line.startswith(EVENT_PREFIX):
-                log.info("%s", line)
-                tail = (tail + [line])[-40:]
+            # Another rank's output without a newline (a progress bar's "\r") can come first on the same line.
+            before, found, text = line.partition(EVENT_PREFIX)
+            if before:
+                log.info("%s", before)
+                tail = (tail + [before])[-40:]
+            if not found:
                 continue
-            event = json.loads(line[len(EVENT_PREFIX):])
+            event = json.loads(text)
             kind, data = event["type"], event["data"]
             send(kind, data)
             if kind == "personalize.step":

@@ -66,6 +66,19 @@ def _setup_comfy(args, document) -> str:
     return device
 
 
+def write_event_line(event: str, payload: dict, stream=None) -> None:
+    """One `PERSONALIZE_EVENT {json}` line in one write() on the pipe that every rank shares. print() writes the
+    text and its newline in two writes when stdout is unbuffered (PYTHONUNBUFFERED, which the launcher sets), and
+    another rank's log line could land between them: the reader then saw an event line with a log line glued on.
+    A pipe write of up to PIPE_BUF bytes (4096 on Linux; events are a few hundred) is never interleaved."""
+    stream = stream or sys.stdout
+    data = (EVENT_PREFIX + json.dumps({"type": event, "data": payload}, default=str) + "\n").encode()
+    stream.flush()
+    fd = stream.fileno()
+    while data:
+        data = data[os.write(fd, data):]
+
+
 class JobReporter:
     """The loop's reporter for a job process: JSON event lines from rank 0, and a stop that all ranks agree on."""
 
@@ -81,7 +94,7 @@ class JobReporter:
 
     def send(self, event: str, payload: dict) -> None:
         if self._emit:
-            print(EVENT_PREFIX + json.dumps({"type": event, "data": payload}, default=str), flush=True)
+            write_event_line(event, payload)
 
     def interrupted(self) -> bool:  # called once per micro step on every rank: the collectives line up
         local = self.stop_requested or bool(self.stop_file and os.path.exists(self.stop_file))

@@ -168,6 +168,47 @@ def test_stock_loader_applies_the_ddp_lora(runs, base):
     assert len(patched.patches) == len(names) > 0
 
 
+def test_event_lines_stay_whole_while_another_rank_logs_to_the_same_pipe():
+    """Ranks share torchrun's output pipe and the launcher runs them unbuffered: rank 0's event lines must reach the
+    reader whole while another rank writes its log lines (a log line glued into an event broke the relay's JSON)."""
+    emit = ("import sys; sys.path.insert(0, sys.argv[1]); import train_job\n"
+            "for step in range(3000):\n"
+            "    train_job.write_event_line('personalize.step', {'step': step, 'loss': 0.25, 'note': 'x' * 200})\n")
+    log = ("import sys, time\nend = time.time() + 60\n"
+           "while time.time() < end:\n    sys.stderr.write('rank 1: ' + 'y' * 80 + '\\n')\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    read_end, write_end = os.pipe()
+    logger = subprocess.Popen([sys.executable, "-c", log], stdout=write_end, stderr=write_end, env=env)
+    emitter = subprocess.Popen([sys.executable, "-c", emit, str(REPO_ROOT / "scripts")], stdout=write_end,
+                               stderr=write_end, env=env)
+    os.close(write_end)
+    steps, broken = [], []
+    with os.fdopen(read_end, encoding="utf-8", errors="replace") as pipe:
+        for line in pipe:
+            if line.startswith("PERSONALIZE_EVENT "):
+                try:
+                    steps.append(json.loads(line.split(" ", 1)[1])["data"]["step"])
+                except json.JSONDecodeError:
+                    broken.append(line[:120])
+            if emitter.poll() is not None and logger.poll() is None:
+                logger.kill()
+    assert emitter.wait(60) == 0
+    assert not broken and steps == list(range(3000))
+
+
+def test_the_relay_finds_an_event_behind_another_ranks_unfinished_line(comfy_runtime, tmp_path):
+    """A progress bar ends its output with "\\r", not a newline: the next event line arrives glued behind it."""
+    relay = comfy_runtime.pack_import("nodes.distributed")._run_and_relay
+    script = ("import json, sys\n"
+              "def event(kind, data): print('PERSONALIZE_EVENT ' + json.dumps({'type': kind, 'data': data}))\n"
+              "sys.stdout.write('\\rloading  50%|#####     |'); event('personalize.step', {'step': 1, 'loss': 0.5})\n"
+              "event('personalize.artifact', {'path': 'a.safetensors', 'checkpoint': 'c.pt'})\n")
+    sent = []
+    result = relay([sys.executable, "-c", script], 1, tmp_path / "stop", lambda kind, data: sent.append(kind))
+    assert sent == ["personalize.step", "personalize.artifact"]
+    assert result == {"path": "a.safetensors", "checkpoint": "c.pt", "losses": [0.5]}
+
+
 def test_a_bad_job_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "job.json"
     bad.write_text(json.dumps({"format": "something else"}))
@@ -186,8 +227,8 @@ def test_a_stop_request_stops_every_rank_with_a_resumable_checkpoint(job_file, t
     events = []
     try:
         for line in proc.stdout:
-            if line.startswith("PERSONALIZE_EVENT "):
-                events.append(json.loads(line.split(" ", 1)[1]))
+            if "PERSONALIZE_EVENT " in line:
+                events.append(json.loads(line.split("PERSONALIZE_EVENT ", 1)[1]))
                 if events[-1]["type"] == "personalize.step":
                     stop.touch()  # as Personalize Launch Training does on Cancel
         proc.wait(120)
