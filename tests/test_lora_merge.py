@@ -159,6 +159,28 @@ def test_bake_saves_a_checkpoint_stock_loader_reads(comfy_runtime, fmt, base):
     path.unlink()
 
 
+def test_bake_applies_plain_peft_attention_names(comfy_runtime, fmt, base):
+    """Modern peft names (`attn1.to_out.0.lora_A`) are read by our converter but not by the stock loader's key map:
+    the bake still applies them (it used to pass the check and then save the checkpoint without them)."""
+    model, clip, vae = base
+    target = UNET_TARGETS[2]  # attn1.to_out.0
+    gen = torch.Generator().manual_seed(7)
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    down, up = torch.randn(2, 320, generator=gen), torch.randn(320, 2, generator=gen) * 0.05
+    folder = comfy_runtime.folder("checkpoints") / "baked_peft"
+    folder.mkdir(parents=True, exist_ok=True)
+    base_weight = all_patched(model, clip, [target])[target]  # the input's weight, whatever clone is loaded
+    with torch.inference_mode():
+        path, _, _ = fmt.merge.bake_loras(model, clip, vae, [({f"{name}.lora_A.weight": down,
+                                                              f"{name}.lora_B.weight": up}, 0.5)], folder, "peft")
+        baked, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    want = base_weight + 0.5 * (up @ down)
+    got = baked.model.state_dict()[target].float()
+    assert float((got - base_weight).abs().max()) > 0.01
+    assert_close({target: want}, {target: got}, rtol=2e-3)
+    path.unlink()
+
+
 def test_bake_node_refuses_a_lora_of_another_model(comfy_runtime, tiny_checkpoint):
     """The node checks every LoRA before anything is written."""
     from harness import PromptExecutionError

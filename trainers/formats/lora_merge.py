@@ -132,12 +132,13 @@ def bake_loras(model, clip, vae, loras: list[tuple[dict, float]], folder: str | 
     if not loras:
         raise ValueError("`loras` is empty: connect at least one LoRA to bake.")
     keys = KeySpace(model, clip)
-    for index, (sd, _) in enumerate(loras, 1):
-        resolve_lora(sd, keys, input_name=f"loras #{index}")  # refuse what the stock loader would skip
-    check_same_base([dict(getattr(sd, "metadata", {}) or {}) for sd, _ in loras])
+    resolved = [resolve_lora(sd, keys, input_name=f"loras #{index}") for index, (sd, _) in enumerate(loras, 1)]
+    check_same_base([r.metadata for r in resolved])
     baked_model, baked_clip = model, clip
-    for sd, weight in loras:
-        baked_model, baked_clip = comfy.sd.load_lora_for_models(baked_model, baked_clip, dict(sd), weight, weight)
+    for lora, (_, weight) in zip(resolved, loras):
+        # Under ComfyUI's own names: we also read names the stock loader skips (plain peft `attn1.to_q`).
+        tensors = write_modules(lora.modules, keys, "comfyui", what="Bake")
+        baked_model, baked_clip = comfy.sd.load_lora_for_models(baked_model, baked_clip, tensors, weight, weight)
     meta = {"modelspec.sai_model_spec": "1.0.0", **(metadata or {})}
     path = write_new_file(folder, stem, ".safetensors",
                           lambda tmp: comfy.sd.save_checkpoint(str(tmp), baked_model, baked_clip, vae, metadata=meta))
