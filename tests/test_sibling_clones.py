@@ -34,3 +34,21 @@ def test_training_after_a_trained_model_was_sampled_is_the_same_training(pack, b
     assert fresh_lora.keys() == later_lora.keys()
     for key in fresh_lora:
         torch.testing.assert_close(later_lora[key], fresh_lora[key], rtol=0, atol=1e-6)
+
+
+def test_training_after_a_stock_lora_was_sampled_on_a_fresh_checkpoint(pack, base, data, tmp_path, tiny_checkpoint_path):
+    """A stock LoRA's clone, sampled before the first training of a freshly loaded checkpoint, holds the module's own
+    (inference-mode) weights as its backups: unloading it before attach puts them back, and they must still be made
+    safe for autograd (the run used to fail with "Inference tensors cannot be saved for backward")."""
+    import comfy.sd
+
+    options = {"rank": 4, "alpha": 4.0}
+    fresh = _train(pack, base, data, tmp_path / "fresh", options)
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True,
+                                                                  output_clip=True)
+        stock_model, _ = comfy.sd.load_lora_for_models(model, clip, fresh.method.export(), 1.0, 1.0)
+    sample = data.class_samples[0]
+    denoise_x0(stock_model, sample.conditioning, sample.latent[None])  # loaded with its weight patches, as sampled
+    later = _train(pack, (model, clip, None), data, tmp_path / "later", options)
+    assert later.loss_history == pytest.approx(fresh.loss_history, abs=1e-6)

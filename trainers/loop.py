@@ -84,13 +84,14 @@ def train(job: TrainJob, method: TrainingMethod, model, clip, data: TrainingData
 
 def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter, text_cache, clip_fp) -> TrainResult:
     # 1. Freeze the base and attach the method's trainable weights to clones.
+    unload_clones(model)  # a loaded sibling's patches (e.g. an earlier run's training clone) are not the base
+    if clip is not None:
+        unload_clones(clip.patcher)
+    # After the unloading: it puts the siblings' backups back, the module's own inference-mode weights.
     make_autograd_safe(model.model)
     model.model.requires_grad_(False)
     if clip is not None:
         clip.cond_stage_model.requires_grad_(False)
-    unload_clones(model)  # a loaded sibling's patches (e.g. an earlier run's training clone) are not the base
-    if clip is not None:
-        unload_clones(clip.patcher)
     attached = method.attach(model, clip, torch.Generator().manual_seed(job.seed))
     if attached.trains_text_encoder:
         make_autograd_safe(attached.clip.cond_stage_model)
