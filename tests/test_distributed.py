@@ -76,11 +76,12 @@ def job_file(launched):
     return launched[0]
 
 
-def run_job(job: Path, processes: int, *extra: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """`torchrun --standalone --nproc-per-node N scripts/train_job.py JOB --events` (CPU, gloo)."""
+def run_job(job: Path, processes: int, *extra: str, timeout: float = 300,
+            device: str = "cpu") -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`torchrun --standalone --nproc-per-node N scripts/train_job.py JOB --events` (CPU and gloo by default)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           str(REPO_ROOT / "scripts" / "train_job.py"), str(job), "--events", "--device", "cpu", *extra]
+           str(REPO_ROOT / "scripts" / "train_job.py"), str(job), "--events", "--device", device, *extra]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     events = [json.loads(line.split("PERSONALIZE_EVENT ", 1)[1]) for line in done.stdout.splitlines()
               if "PERSONALIZE_EVENT " in line]
@@ -166,6 +167,19 @@ def test_stock_loader_applies_the_ddp_lora(runs, base):
     patched, _ = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 0.0)
     names = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
     assert len(patched.patches) == len(names) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run it where one is lent)")
+def test_a_lora_job_trains_on_cuda(job_file):
+    """The LoRA's branch deltas compute where the model is loaded (they stayed on the CPU and the first forward on
+    CUDA failed); the artifact is written from CPU tensors."""
+    done, events = run_job(job_file, 1, device="cuda")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    losses = [e["data"]["loss"] for e in events if e["type"] == "personalize.step"]
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    with safe_open(_artifact(events)["path"], "pt") as f:
+        assert any(k.endswith(".lora_up.weight") for k in f.keys())
+        assert all(f.get_tensor(k).isfinite().all() for k in f.keys())
 
 
 def test_event_lines_stay_whole_while_another_rank_logs_to_the_same_pipe():

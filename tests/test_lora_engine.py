@@ -30,7 +30,8 @@ def data(pack, base, tmp_path_factory):
 def _train(pack, base, data, tmp_path, *, steps=STEPS, reporter=None, resume=None, lr=1e-3, **method):
     model, clip, _ = base
     options = {"rank": 4, "alpha": 4.0, **method}
-    job = pack.job.TrainJob(steps=steps, batch_size=2, learning_rate=lr, seed=3, method_options=options,
+    job_options = {k: v for k, v in options.items() if k != "initial_weights"}  # as the node: tensors stay out of the job
+    job = pack.job.TrainJob(steps=steps, batch_size=2, learning_rate=lr, seed=3, method_options=job_options,
                             min_snr_gamma=5.0)
     lora = pack.methods.create_method("lora", options)
     with torch.inference_mode():
@@ -158,6 +159,49 @@ def test_v_prediction_trains_on_v(pack, base, data, tmp_path, comfy_runtime):
     assert "V_PREDICTION" in [c.__name__ for c in type(sampling).__mro__]
     result, lora = _train(pack, (v_model, clip, vae), data, tmp_path, steps=3)
     assert len(result.loss_history) == 3 and all(torch.isfinite(torch.tensor(result.loss_history)))
+
+
+def _deltas(lora: dict) -> dict:
+    """module -> the delta ComfyUI applies (up @ down * alpha/rank; no alpha: 1), for kohya names."""
+    out = {}
+    for key, down in lora.items():
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            alpha = lora.get(f"{name}.alpha")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            out[name] = lora[f"{name}.lora_up.weight"].float().flatten(1) @ down.float().flatten(1) * scale
+    return out
+
+
+def test_an_initial_lora_starts_at_its_own_delta_whatever_its_alpha_and_layout(pack, base, data, tmp_path, comfy_runtime):
+    """kohya's alpha 1 at rank 16 is 16x weaker than alpha 16: the run (alpha 4 here) must start where the file's
+    delta is, as stock LoraLoader applies it, and so must a peft-named file (the layout OneTrainer and diffusers write)."""
+    convert = comfy_runtime.pack_import("trainers.formats.lora_convert")
+    model, clip, _ = base
+    _, trained = _train(pack, base, data, tmp_path / "first", steps=2, lr=1e-2)
+    half = {k: (torch.tensor(2.0) if k.endswith(".alpha") else v) for k, v in trained.items()}
+    with torch.inference_mode():
+        peft = dict(convert.convert(trained, convert.KeySpace(model, clip), "diffusers"))
+    assert not any(k.startswith("lora_unet") for k in peft)
+    for name, initial, want in (("half", half, _deltas(half)), ("peft", peft, _deltas(trained))):
+        _, continued = _train(pack, base, data, tmp_path / name, steps=1, lr=1e-9, initial_weights=initial)
+        got = _deltas(continued)
+        assert got.keys() == want.keys()
+        for module in want:
+            torch.testing.assert_close(got[module], want[module], rtol=1e-4, atol=1e-7)
+
+
+def test_an_initial_lora_the_run_cannot_continue_is_refused(pack, base, data, tmp_path):
+    _, trained = _train(pack, base, data, tmp_path / "first", steps=1)
+    dora = dict(trained)
+    name = next(k for k in trained if k.endswith(".lora_down.weight"))[: -len(".lora_down.weight")]
+    dora[f"{name}.dora_scale"] = torch.ones(1, trained[f"{name}.lora_down.weight"].shape[1])
+    with pytest.raises(ValueError, match="`initial_lora` is a DoRA"):
+        _train(pack, base, data, tmp_path, initial_weights=dora)
+    with pytest.raises(ValueError, match="modules this run does not train .*set `targets`"):
+        _train(pack, base, data, tmp_path, initial_weights=trained, targets="cross_attention_kv")
+    with pytest.raises(ValueError, match="`initial_lora` has rank 4 but `rank` is 8"):
+        _train(pack, base, data, tmp_path, initial_weights=trained, rank=8)
 
 
 def test_wrong_architecture_lora_is_refused(pack, base, data, tmp_path):

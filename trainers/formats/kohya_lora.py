@@ -62,36 +62,6 @@ def module_names(state_dict: dict[str, Any]) -> set[str]:
     return names
 
 
-def check_fits(state_dict: dict[str, torch.Tensor], model=None, clip=None, *, what: str = "LoRA") -> None:
-    """Raise ValueError when LoRA modules do not exist in, or do not fit, the model/CLIP."""
-    known: dict[str, tuple] = {}
-    if model is not None:
-        sd = model.model.state_dict()
-        for weight_key, name in unet_lora_names(model.model).items():
-            known[name] = tuple(sd[weight_key].shape)
-    if clip is not None:
-        sd = clip.cond_stage_model.state_dict()
-        for weight_key, name in clip_lora_names(clip.cond_stage_model).items():
-            known[name] = tuple(sd[weight_key].shape)
-    names = module_names(state_dict)
-    missing = sorted(n for n in names if n not in known)
-    if missing:
-        raise ValueError(
-            f"{what} does not fit this model: {len(missing)} of its {len(names)} modules do not exist in it "
-            f"(e.g. {missing[0]}). It was trained for a different base architecture; use a file made for this model."
-        )
-    for name in names:
-        up, down = state_dict.get(f"{name}.lora_up.weight"), state_dict.get(f"{name}.lora_down.weight")
-        if up is None or down is None:
-            continue
-        shape = known[name]
-        if up.shape[0] != shape[0] or down.shape[1] != shape[1]:
-            raise ValueError(
-                f"{what} module {name} has shape out={up.shape[0]}, in={down.shape[1]} but the model's layer is "
-                f"{shape[0]}x{shape[1]}: it was trained for a different base architecture."
-            )
-
-
 def _family(base_model) -> str:
     name = type(base_model.model_config).__name__.lower()
     return {"sd15": "sd1", "sd20": "sd2", "sd21unclipl": "sd2", "sd21unclipc": "sd2", "sdxl": "sdxl",

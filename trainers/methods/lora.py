@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from comfy.weight_adapter import WeightAdapterTrainBase
 
-from ..formats.kohya_lora import check_fits, clip_lora_names, module_names, unet_lora_names
+from ..formats.kohya_lora import clip_lora_names, module_names, unet_lora_names
+from ..formats.lora_convert import KeySpace, convert
 from . import Attached, ParamGroup, TrainingMethod, register_method
 
 TargetPreset = Literal["attention", "attention_ff", "all", "cross_attention_kv"]
@@ -134,18 +135,21 @@ class LoraDelta(WeightAdapterTrainBase):
 
     def export(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
         out = {
-            "lora_down.weight": self.lora_down.detach().to(dtype).contiguous(),
-            "lora_up.weight": self.lora_up.detach().to(dtype).contiguous(),
+            "lora_down.weight": self.lora_down.detach().to("cpu", dtype).contiguous(),
+            "lora_up.weight": self.lora_up.detach().to("cpu", dtype).contiguous(),
             "alpha": torch.tensor(float(self.alpha), dtype=dtype),
         }
         if self.dora_scale is not None:
-            out["dora_scale"] = self.dora_scale.detach().to(dtype).contiguous()
+            out["dora_scale"] = self.dora_scale.detach().to("cpu", dtype).contiguous()
         return out
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take kohya tensors; their delta is kept whatever their alpha (ComfyUI applies alpha/rank, 1 without alpha)."""
+        alpha = tensors.get("alpha")
+        file_scale = float(alpha) / self.rank if alpha is not None else 1.0
         with torch.no_grad():
             self.lora_down.copy_(tensors["lora_down.weight"].reshape(self.lora_down.shape))
-            self.lora_up.copy_(tensors["lora_up.weight"].reshape(self.lora_up.shape))
+            self.lora_up.copy_(tensors["lora_up.weight"].float().reshape(self.lora_up.shape) * (file_scale / self.scale))
             if self.dora_scale is not None and "dora_scale" in tensors:
                 self.dora_scale.copy_(tensors["dora_scale"].reshape(self.dora_scale.shape))
 
@@ -167,8 +171,9 @@ class LoraMethod(TrainingMethod):
                 continue
             delta = LoraDelta(state[weight_key], self.config.rank, self.config.alpha, self.config.dora, generator)
             if self.config.dora or not _branch_capable(module):
-                patcher.add_weight_wrapper(weight_key, delta)
+                patcher.add_weight_wrapper(weight_key, delta)  # ComfyUI's loader moves these with the model
             else:
+                delta.to(patcher.load_device)  # an object patch is never moved by the loader: it computes there
                 patcher.add_object_patch(f"{module_name}.forward", delta.branch_forward(module))
             self.deltas[kohya_name] = delta
             role_params.extend(delta.parameters())
@@ -192,9 +197,30 @@ class LoraMethod(TrainingMethod):
                       lambda n, m: isinstance(m, torch.nn.Linear) and bool(_TEXT_ENCODER.search(n)), generator, te_params)
             groups.append(ParamGroup(te_params, "text_encoder", "text_encoder"))
         if cfg.initial_weights:
-            check_fits(cfg.initial_weights, model, clip, what="The initial LoRA")
-            self.load_trainable_state_dict(cfg.initial_weights, strict=False)
+            self._start_from(cfg.initial_weights, model, clip)
         return Attached(model=model, clip=clip, groups=groups, trains_text_encoder=cfg.train_text_encoder)
+
+    def _start_from(self, lora: dict, model, clip) -> None:
+        """Continue `lora` (any layout ComfyUI reads, any alpha): each module starts at the file's delta."""
+        kohya = convert(lora, KeySpace(model, clip), "kohya", input_name="initial_lora")
+        names = module_names(kohya)
+        untrained = sorted(names - set(self.deltas))
+        if untrained:
+            hint = ("turn on `train_text_encoder`" if any(n.startswith("lora_te") for n in untrained)
+                    else "set `targets` to the layers it was trained on (e.g. all)")
+            raise ValueError(f"`initial_lora` has {len(untrained)} modules this run does not train (e.g. {untrained[0]}): "
+                             f"{hint}, or they would be dropped.")
+        for name in sorted(names):
+            tensors = {k[len(name) + 1:]: v for k, v in kohya.items() if k.startswith(name + ".")}
+            if "lora_down.weight" not in tensors:
+                raise ValueError(f"`initial_lora` module {name} is not a LoRA ({', '.join(sorted(tensors))}): only "
+                                 "LoRA and DoRA files can be trained on.")
+            if "dora_scale" in tensors and not self.config.dora:
+                raise ValueError("`initial_lora` is a DoRA (its modules have dora_scale): turn on `dora` to continue it.")
+            if tensors["lora_down.weight"].shape[0] != self.config.rank:
+                raise ValueError(f"`initial_lora` has rank {tensors['lora_down.weight'].shape[0]} but `rank` is "
+                                 f"{self.config.rank}: set `rank` to the file's.")
+            self.deltas[name].load(tensors)
 
     @contextlib.contextmanager
     def base_behaviour(self) -> Iterator[None]:
