@@ -27,12 +27,12 @@ def data(pack, base, tmp_path_factory):
         return pack.build.build_training_data(spec, vae, clip)[0]
 
 
-def _train(pack, base, data, tmp_path, *, steps=STEPS, reporter=None, resume=None, lr=1e-3, **method):
+def _train(pack, base, data, tmp_path, *, steps=STEPS, reporter=None, resume=None, lr=1e-3, job_fields=None, **method):
     model, clip, _ = base
     options = {"rank": 4, "alpha": 4.0, **method}
     job_options = {k: v for k, v in options.items() if k != "initial_weights"}  # as the node: tensors stay out of the job
     job = pack.job.TrainJob(steps=steps, batch_size=2, learning_rate=lr, seed=3, method_options=job_options,
-                            min_snr_gamma=5.0)
+                            min_snr_gamma=5.0, **(job_fields or {}))
     lora = pack.methods.create_method("lora", options)
     with torch.inference_mode():
         result = pack.loop.train(job, lora, model, clip, data, checkpoint_dir=tmp_path, resume_from=resume,
@@ -159,6 +159,19 @@ def test_v_prediction_trains_on_v(pack, base, data, tmp_path, comfy_runtime):
     assert "V_PREDICTION" in [c.__name__ for c in type(sampling).__mro__]
     result, lora = _train(pack, (v_model, clip, vae), data, tmp_path, steps=3)
     assert len(result.loss_history) == 3 and all(torch.isfinite(torch.tensor(result.loss_history)))
+
+
+def test_a_text_encoder_at_learning_rate_0_leaves_the_unet_training_as_it_is(pack, base, data, tmp_path):
+    """`train_text_encoder` with `text_encoder_lr` 0 trains the UNet LoRA exactly as without it: the text encoder's
+    gradients used to pile up outside the optimizer and take over the clipping norm of every step."""
+    clipped = {"max_grad_norm": 1e-3}
+    alone, alone_lora = _train(pack, base, data, tmp_path / "alone", steps=3, job_fields=clipped)
+    frozen, frozen_lora = _train(pack, base, data, tmp_path / "te0", steps=3, train_text_encoder=True,
+                                 job_fields={**clipped, "text_encoder_lr": 0.0})
+    assert frozen.loss_history == pytest.approx(alone.loss_history, abs=1e-6)
+    for key, value in alone_lora.items():
+        torch.testing.assert_close(frozen_lora[key], value, rtol=0, atol=1e-6)
+    assert all(not v.any() for k, v in frozen_lora.items() if k.startswith("lora_te") and "lora_up" in k)
 
 
 def _deltas(lora: dict) -> dict:

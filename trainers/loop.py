@@ -34,7 +34,7 @@ from .model_runtime import (
     trainable_text_encoder,
     unload_clones,
 )
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, group_learning_rate
 from .progress import Reporter
 
 log = logging.getLogger("comfyui-personalize")
@@ -97,7 +97,10 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
         make_autograd_safe(attached.clip.cond_stage_model)
     patcher = attached.model
     device = patcher.load_device
-    trainables = [p for g in attached.groups for p in g.params]
+    # A group at learning rate 0 does not train: no gradients (they would pile up outside the optimizer and
+    # take over the clipping norm), and its text path runs without them.
+    trained_groups = [g for g in attached.groups if g.params and group_learning_rate(job, g) > 0]
+    trainables = [p for g in trained_groups for p in g.params]
     precision.cast_trainables(trainables, job.weight_dtype)
     for p in trainables:
         p.requires_grad_(True)
@@ -154,11 +157,11 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
                "class_samples": len(data.class_samples), "buckets": len(data.buckets()),
                "trainable_params": sum(p.numel() for p in trainables), **method.describe()}
     log.info("training %s", summary)
-    text_groups = [g for g in attached.groups if g.acts_in_text_encoder]
+    text_groups = [g for g in trained_groups if g.acts_in_text_encoder]
     # The step from which no text-path group trains any more (pivotal tuning's embedding fraction, DreamBooth's
     # text_encoder_fraction): from there the text encoder runs without gradients, once per caption.
-    text_path_stop = (max(math.ceil(g.train_fraction * job.steps) for g in text_groups)
-                      if attached.trains_text_encoder and text_groups else job.steps)
+    text_path_stop = (max((math.ceil(g.train_fraction * job.steps) for g in text_groups), default=0)
+                      if attached.trains_text_encoder else job.steps)
     reporter.bind(attached, conditioner)
     reporter.start(summary)
 

@@ -11,11 +11,16 @@ from .methods import ParamGroup
 from .precision import ParamwiseOptimizer
 
 
+def group_learning_rate(job: TrainJob, group: ParamGroup) -> float:
+    """The group's own rate, else its role's (0: the group does not train)."""
+    return group.lr if group.lr is not None else (job.text_encoder_lr if group.role == "text_encoder" else job.learning_rate)
+
+
 def build_optimizer(job: TrainJob, groups: list[ParamGroup]) -> torch.optim.Optimizer:
     """One optimizer over all groups, each with its role's learning rate."""
     param_groups = []
     for group in groups:
-        lr = group.lr if group.lr is not None else (job.text_encoder_lr if group.role == "text_encoder" else job.learning_rate)
+        lr = group_learning_rate(job, group)
         if not 0.0 < group.train_fraction <= 1.0:
             raise ValueError(f"the training fraction of {group.name or group.role!r} must be in (0, 1], got {group.train_fraction}.")
         if group.params and lr > 0:
