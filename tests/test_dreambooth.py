@@ -168,6 +168,14 @@ def test_memory_options_train(pack, base, data, tmp_path, memory):
     assert not torch.equal(weights[key].float(), original.float()), "no update reached the weights"
 
 
+def test_bf16_weights_with_the_base_model_as_the_prior_target(pack, base, data, tmp_path):
+    """The teacher computes with the base weights in their own dtype and on their copies' device: the bf16 copies
+    set the UNet's dtype, and the base weights (fp32 here) then met bf16 inputs."""
+    result, _ = _train(pack, base, data, tmp_path, steps=2, learning_rate=1e-3, options={"weight_dtype": "bf16"},
+                       weight_dtype="bf16", prior_target="base_model", prior_loss_weight=1.0)
+    assert len(result.loss_history) == 2 and all(torch.isfinite(torch.tensor(result.loss_history)))
+
+
 def test_bad_inputs_get_clear_errors(pack, base, data, db, tmp_path):
     from harness import make_sample_dataset
     model, _, _ = base

@@ -86,6 +86,20 @@ class _Payload:
         return (os.system, ("touch /tmp/personalize-pwned",))
 
 
+def test_the_loaders_dtype_move_leaves_the_trained_weights_in_fp32(pack, base):
+    """ComfyUI's loader moves model patches to the UNet's device and then to its dtype (fp16 on a GPU): the
+    hypernetwork being trained must keep its fp32 weights (they became fp16, optimizer state included)."""
+    import torch
+    model, clip, _ = base
+    method = pack.methods.create_method("hypernetwork", {})
+    with torch.inference_mode(False):
+        attached = method.attach(model, clip, torch.Generator().manual_seed(0))
+    attached.model.model_patches_to(torch.device("cpu"))
+    attached.model.model_patches_to(torch.float16)
+    params = [p for g in attached.groups for p in g.params]
+    assert params and all(p.dtype == torch.float32 for p in params)
+
+
 def test_a_pickle_that_runs_code_is_refused(pack, tmp_path):
     import os
     evil = tmp_path / "evil.pt"

@@ -38,7 +38,8 @@ class EMA:
     def update(self, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
         for shadow, param in zip(self.shadow, self.params):
-            shadow.lerp_(param.detach().to(shadow.device, torch.float32, non_blocking=True), weight)
+            # Blocking: a non-blocking copy from a GPU into CPU memory may not have arrived when lerp_ reads it.
+            shadow.lerp_(param.detach().to(shadow.device, torch.float32), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{EMA_PREFIX}{i}": s for i, s in enumerate(self.shadow)}

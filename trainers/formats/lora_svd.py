@@ -58,7 +58,8 @@ def choose_rank(singular_values: torch.Tensor, rank: int, mode: str, energy: flo
         if not 0.0 < energy <= 1.0:
             raise ValueError(f"`energy` must be in (0, 1], got {energy}.")
         # Small tolerance: a threshold of exactly 1.0 must not fail on float rounding.
-        needed = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
+        needed = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64,
+                                                                  device=cumulative.device))) + 1
         keep = min(needed, rank)
     else:
         keep = rank

@@ -107,6 +107,7 @@ class DreamBoothMethod(TrainingMethod):
         self.base_dtypes: dict[str, torch.dtype] = {}
         self.model = self.clip = self.source_model = self.source_clip = None
         self.base_model_dtype = None
+        self._base_on_device: dict[tuple[int, str], torch.Tensor] = {}  # base_behaviour's originals, per run
 
     def attach(self, model, clip, generator):
         cfg = self.config
@@ -148,15 +149,31 @@ class DreamBoothMethod(TrainingMethod):
         swapped = []
         try:
             for patcher, copies in swaps:
-                for key in copies:
-                    original = patcher.object_patches_backup.get(key)
-                    if original is None:
-                        raise ValueError("the DreamBooth clone is not loaded, so its base weights are not at hand.")
+                for key, trained in copies.items():
+                    original = self._base_weight(patcher, key, trained)
                     swapped.append((patcher, key, comfy.utils.set_attr(patcher.model, key, original)))
+            if self.base_model_dtype is not None:  # the base weights compute in their own dtype
+                key = UNET_PREFIX + "dtype"
+                swapped.append((self.model, key, comfy.utils.set_attr(self.model.model, key, self.base_model_dtype)))
             yield
         finally:
             for patcher, key, trained in reversed(swapped):
                 comfy.utils.set_attr(patcher.model, key, trained)
+
+    def _base_weight(self, patcher, key: str, trained: torch.Tensor) -> torch.Tensor:
+        """The original the patcher set aside, where the trained copy computes: ComfyUI's loader moves the object
+        patches' module (the copies), while the originals stay on the offload device. Moved once per run."""
+        cached = self._base_on_device.get((id(patcher), key))
+        if cached is None:
+            original = patcher.object_patches_backup.get(key)
+            if original is None:
+                raise ValueError("the DreamBooth clone is not loaded, so its base weights are not at hand.")
+            cached = original if original.device == trained.device else original.to(trained.device)
+            self._base_on_device[(id(patcher), key)] = cached
+        return cached
+
+    def finish(self) -> None:
+        self._base_on_device.clear()
 
     def _named(self) -> dict[str, torch.nn.Parameter]:
         return {**{"unet." + k: v for k, v in self.unet.items()}, **{"te." + k: v for k, v in self.text_encoder.items()}}
@@ -179,7 +196,8 @@ class DreamBoothMethod(TrainingMethod):
 
     def _weights(self, weights: dict[str, torch.Tensor] | None, key: str, dtype: torch.dtype | None) -> torch.Tensor:
         tensor = (weights or self.trainable_state_dict())[key].detach()
-        return tensor.to(dtype or self.base_dtypes[key.removeprefix("unet.")])
+        # On the CPU, as ComfyUI keeps weight patches: a GPU copy would be a second UNet its memory manager cannot see.
+        return tensor.to("cpu", dtype or self.base_dtypes[key.removeprefix("unet.")])
 
     def trained_outputs(self, weights: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
         """New MODEL/CLIP clones of the inputs carrying the trained weights (or `weights`, e.g. the EMA, by state

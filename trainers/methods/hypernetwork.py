@@ -98,9 +98,12 @@ class HypernetworkPatch:
             v = v + pair[1](v.to(pair[1][0].weight.dtype)).to(v.dtype) * self.strength
         return q, k, v
 
-    def to(self, device):
+    def to(self, device_or_dtype):
+        # ComfyUI's loader also calls model_patches_to(the UNet's dtype): the trained weights keep their own.
+        if isinstance(device_or_dtype, torch.dtype):
+            return self
         for pair in self.modules.values():
-            pair.to(device)
+            pair.to(device_or_dtype)
         return self
 
 
