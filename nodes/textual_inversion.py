@@ -7,7 +7,7 @@ from pathlib import Path
 
 import comfy.sd
 
-from ..trainers.formats.embedding import FORMATS, TrainedEmbedding, free_stem, suffix_of, write_embedding
+from ..trainers.formats.embedding import FORMATS, PROMPT_SUFFIXES, TrainedEmbedding, free_stem, suffix_of, write_embedding
 from ..trainers.formats.kohya_lora import LoraStateDict, base_model_family, kohya_metadata
 from ..trainers.formats.safetensors_io import SAVE_DTYPES, save_new_safetensors
 from ..trainers.methods import create_method
@@ -132,7 +132,7 @@ class PersonalizeSaveEmbedding(io.ComfyNode):
             raise ValueError("`embedding` must come from a Personalize textual-inversion or pivotal training node.")  # noqa: TRY004 (house rule: ValueError names the input)
         out = output_target("embeddings", name)
         target, suffix = out.target, suffix_of(format)
-        path = target.parent / (free_stem([(target.parent, suffix)], target.name) + suffix)
+        path = target.parent / (free_stem([(target.parent, s) for s in PROMPT_SUFFIXES], target.name) + suffix)
         write_embedding(path, embedding.vectors, format, name=target.name, step=embedding.step, metadata=embedding.metadata)
         word = _prompt_word(out, path)
         return io.NodeOutput(str(path), word, ui=ui.PreviewText(f"saved {path.name}: write {word} in a prompt"))
@@ -225,13 +225,17 @@ class PersonalizeSavePivotal(io.ComfyNode):
         if not lora or not isinstance(embedding, TrainedEmbedding):
             raise ValueError("`lora` and `embedding` must come from Personalize Train Pivotal.")
         lora_out, emb_out = output_target("loras", name), output_target("embeddings", name)
-        free = free_stem([(lora_out.target.parent, ".safetensors"), (emb_out.target.parent, ".safetensors")],
+        free = free_stem([(lora_out.target.parent, ".safetensors"), *((emb_out.target.parent, s) for s in PROMPT_SUFFIXES)],
                          lora_out.target.name)
         metadata = {**dict(getattr(lora, "metadata", {}) or {}), "ss_output_name": free}
         lora_path = save_new_safetensors(lora_out.target.parent, free, dict(lora), metadata, save_dtype)
         emb_path = emb_out.target.parent / f"{lora_path.stem}.safetensors"
-        write_embedding(emb_path, embedding.vectors, "safetensors", name=lora_path.stem, step=embedding.step,
-                        metadata={**embedding.metadata, "personalize.lora": lora_path.name})
+        try:
+            write_embedding(emb_path, embedding.vectors, "safetensors", name=lora_path.stem, step=embedding.step,
+                            metadata={**embedding.metadata, "personalize.lora": lora_path.name})
+        except BaseException:
+            lora_path.unlink(missing_ok=True)  # the pair or nothing: this LoRA was written by this call
+            raise
         lora_name = lora_out.shown(lora_path)
         word = _prompt_word(emb_out, emb_path)
         return io.NodeOutput(lora_name, word, ui=ui.PreviewText(f"saved {lora_name} + {emb_path.name}: LoraLoader {lora_name}, prompt {word}"))

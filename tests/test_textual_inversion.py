@@ -270,12 +270,19 @@ def test_nodes_train_save_and_stock_clip_text_encode_in_a_graph(comfy_runtime, t
                                                                     "format": "safetensors"}},
         "23": {"class_type": "PersonalizeSaveEmbedding", "inputs": {"embedding": ["21", 1], "name": "tests/ti_node_a1111",
                                                                     "format": "a1111_pt"}},
+        "24": {"class_type": "PersonalizeSaveEmbedding", "inputs": {"embedding": ["21", 1], "name": "tests/ti_clash",
+                                                                    "format": "safetensors"}},
     })
     graph["2"]["inputs"]["clip"] = ["21", 0]  # the returned CLIP knows the token
+    embeddings = comfy_runtime.folder("embeddings") / "tests"
+    embeddings.mkdir(parents=True, exist_ok=True)
+    (embeddings / "ti_clash.pt").write_bytes(b"an older embedding")  # embedding:tests/ti_clash would load it
     result = comfy_runtime.run_prompt(graph)
     saved = result["outputs"]["22"]["text"][0]
     assert "embedding:tests/ti_node" in saved
-    embeddings = comfy_runtime.folder("embeddings") / "tests"
+    clash = result["outputs"]["24"]["text"][0]
+    assert "embedding:tests/ti_clash_00001" in clash and (embeddings / "ti_clash_00001.safetensors").is_file()
+    assert (embeddings / "ti_clash.pt").read_bytes() == b"an older embedding"
     a1111 = torch.load(next(embeddings.glob("ti_node_a1111*.pt")), weights_only=True)
     assert a1111["string_to_param"]["*"].shape == (2, 768)
     stock = txt2img_graph(tiny_checkpoint, positive="a photo of embedding:tests/ti_node cross", steps=2, prefix="ti_stock")

@@ -64,6 +64,11 @@ def write_embedding(path: Path, vectors: dict[str, torch.Tensor], fmt: str, *, n
             raise ValueError(f"`format` must be one of {FORMATS}, got {fmt!r}.")
 
 
+# What a prompt's `embedding:name` finds (comfy/sd1_clip.py load_embed): the name itself, then these suffixes in
+# order. A new embedding's name must be free under all of them, or the prompt word would load another file.
+PROMPT_SUFFIXES = ("", ".safetensors", ".pt", ".bin")
+
+
 def suffix_of(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {fmt!r}.")
