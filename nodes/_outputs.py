@@ -22,5 +22,6 @@ class OutputTarget:
 
 def output_target(kind: str, name: str, input_name: str = "name") -> OutputTarget:
     """The save location of `name` (may hold sub-folders) in ComfyUI's `kind` model folder."""
-    root = Path(folder_paths.get_folder_paths(kind)[0])
+    # Resolved as the target is: under a symlinked model folder, names would otherwise come back as absolute paths.
+    root = Path(folder_paths.get_folder_paths(kind)[0]).resolve()
     return OutputTarget(root, resolve_inside(root, safe_stem(name, input_name=input_name)))

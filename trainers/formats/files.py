@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,9 +58,7 @@ def atomic_output(final_path: str | os.PathLike, *, overwrite: bool = False) -> 
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".partial", dir=final_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temporary(final_path)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -68,12 +66,38 @@ def atomic_output(final_path: str | os.PathLike, *, overwrite: bool = False) -> 
         if overwrite:
             os.replace(tmp, final_path)
         else:
-            # link() refuses an existing target: a name taken meanwhile is never clobbered.
-            os.link(tmp, final_path)
-            tmp.unlink()
+            _publish_new(tmp, final_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_temporary(final_path: Path) -> Path:
+    """An empty hidden file beside `final_path`, with the permissions a plain open() gives (mkstemp's are 0600:
+    a model saved by a server running as root would be unreadable to the user)."""
+    for _ in range(100):
+        tmp = final_path.parent / f".{final_path.name}.{secrets.token_hex(4)}.partial"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {final_path}")
+
+
+def _publish_new(tmp: Path, final_path: Path) -> None:
+    """Give `tmp` the name `final_path`, never replacing a file that exists (FileExistsError instead)."""
+    try:
+        os.link(tmp, final_path)  # refuses an existing target: a name taken meanwhile is never clobbered
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links here (FAT/exFAT, many FUSE and SMB mounts): reserve the name exclusively, then rename over
+        # the reservation, which is ours.
+        os.close(os.open(final_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(tmp, final_path)
+        return
+    tmp.unlink()
 
 
 def write_new_file(folder: str | os.PathLike, stem: str, suffix: str, writer: Callable[[Path], None]) -> Path:
