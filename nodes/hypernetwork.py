@@ -97,10 +97,20 @@ class PersonalizeSaveHypernetwork(io.ComfyNode):
     @classmethod
     def execute(cls, hypernetwork, name, checkpoint="") -> io.NodeOutput:
         out = output_target("hypernetworks", name)
+        state = _optimizer_source(checkpoint)  # before anything is written: a bad path leaves no file behind
         path = write_new_file(out.target.parent, out.target.name, ".pt", lambda tmp: torch.save(hypernetwork, tmp))
-        if checkpoint and checkpoint.strip():
-            write_a1111_optimizer_state(path, load_state(checkpoint.strip()))
+        if state is not None:
+            write_a1111_optimizer_state(path, state)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {out.shown(path)}"))
+
+
+def _optimizer_source(checkpoint: str | None) -> dict | None:
+    if not checkpoint or not checkpoint.strip():
+        return None
+    try:
+        return load_state(checkpoint.strip())
+    except ValueError as exc:
+        raise ValueError(f"`checkpoint`: {exc}") from exc
 
 
 def write_a1111_optimizer_state(hypernetwork_path, state: dict) -> None:

@@ -151,3 +151,7 @@ def test_nodes_train_save_and_stock_loader_in_graphs(comfy_runtime, tiny_checkpo
     mark = comfy_runtime.log_mark()
     comfy_runtime.run_prompt(stock)
     assert "Unsupported Hypernetwork" not in comfy_runtime.log_since(mark)
+    graph["4"]["inputs"].update(name="tests/hn_bad", checkpoint=str(tmp_path / "missing.pt"))
+    with pytest.raises(Exception, match="`checkpoint`"):
+        comfy_runtime.run_prompt(graph)
+    assert not list((comfy_runtime.folder("hypernetworks") / "tests").glob("hn_bad*"))  # checked before writing
