@@ -174,6 +174,18 @@ def test_a_text_encoder_at_learning_rate_0_leaves_the_unet_training_as_it_is(pac
     assert all(not v.any() for k, v in frozen_lora.items() if k.startswith("lora_te") and "lora_up" in k)
 
 
+def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(pack, base, data, tmp_path):
+    """final.pt of a run without EMA, resumed into one more step with `ema_decay` 0.9: the average is
+    0.9 x the resumed weights + 0.1 x the new ones (it averaged in the run's initial weights instead)."""
+    first, _ = _train(pack, base, data, tmp_path / "first", steps=2, lr=1e-2)
+    resumed_weights = [p.detach().clone() for g in first.attached.groups for p in g.params]
+    result, _ = _train(pack, base, data, tmp_path / "second", steps=3, lr=1e-2, resume=first.final_checkpoint,
+                       job_fields={"ema_decay": 0.9, "ema_warmup_steps": 0})
+    assert len(result.ema.shadow) == len(resumed_weights)
+    for shadow, param, before in zip(result.ema.shadow, result.ema.params, resumed_weights):
+        torch.testing.assert_close(shadow, 0.9 * before + 0.1 * param.detach(), rtol=1e-5, atol=1e-7)
+
+
 def _deltas(lora: dict) -> dict:
     """module -> the delta ComfyUI applies (up @ down * alpha/rank; no alpha: 1), for kohya names."""
     out = {}

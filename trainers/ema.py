@@ -48,6 +48,8 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
             log.warning("the checkpoint has no EMA (it was trained without one): the EMA starts from the resumed weights.")
+            for shadow, param in zip(self.shadow, self.params):  # made before the resume loaded them
+                shadow.copy_(param.detach())
             return
         if len(state) != len(self.shadow):
             raise ValueError(f"the checkpoint's EMA has {len(state)} tensors, this run trains {len(self.shadow)}.")
