@@ -311,3 +311,11 @@ def test_batch_sampler_epochs_and_short_batches(comfy_runtime):
     assert sampler.short_batches() == [(5, 1)]
     assert dataset.BatchSampler([(64, 64)] * 10, batch_size=4, seed=0).short_batches() == []  # last batch 2: half
     assert dataset.BatchSampler([(64, 64)] * 20, batch_size=4, seed=0).short_batches() == []
+
+
+def test_the_largest_seeds_draw_batches(comfy_runtime):
+    """The seed widgets go up to 2**63 - 1 (and the class stream uses seed + 1): torch refused the mixed seed."""
+    dataset = comfy_runtime.pack_import("trainers.data.dataset")
+    for seed in (2**63 - 1, 2**63):
+        sampler = dataset.BatchSampler([(64, 64)] * 5, batch_size=2, seed=seed)
+        assert sorted(i for step in range(3) for i in sampler.indices(step)) == list(range(5))

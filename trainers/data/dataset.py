@@ -92,7 +92,7 @@ class BatchSampler:
 
     def _epoch(self, epoch: int) -> list[list[int]]:
         if self._cache is None or self._cache[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            generator = torch.Generator().manual_seed((self.seed * 7919 + epoch) % 2**63)  # seeds go up to 2**63
             batches = []
             for group in self.groups:
                 order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
