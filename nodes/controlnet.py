@@ -13,7 +13,7 @@ from ..trainers.methods import create_method
 from ..trainers.methods.controlnet import TrainingControl as TrainingControlValue
 from ._api import io, ui
 from ._outputs import output_target
-from .dataset import Dataset, resolve_dataset_folder
+from .dataset import Dataset, folder_fingerprint, resolve_dataset_folder
 from .train import TrainingControl, job_from_inputs, run_training, training_inputs
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,6 +53,10 @@ class PersonalizeControlNetDataset(io.ComfyNode):
             ],
             outputs=[Dataset.Output(display_name="dataset", tooltip="Triples for Personalize Train ControlNet, or for any training node's control.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder="", condition_folder="", **_) -> str:
+        return folder_fingerprint(folder, condition_folder)
 
     @classmethod
     def execute(cls, folder, condition, condition_folder, vae, clip, resolution, buckets, crop, crop_variants, flip,

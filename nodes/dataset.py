@@ -2,6 +2,7 @@
 class images for prior preservation, and a preview of what the trainer will see."""
 from __future__ import annotations
 
+import hashlib
 import os
 import textwrap
 
@@ -22,6 +23,27 @@ ClassImages = io.Custom("PERSONALIZE_CLASS_IMAGES")
 
 def _caption_help(name: str) -> str:
     return CaptionOptions.__dataclass_fields__[name].metadata.get("help", name)
+
+
+def folder_fingerprint(*folders: str | None) -> str:
+    """What ComfyUI compares to decide whether a dataset node runs again (its `fingerprint_inputs`): the files of its
+    folders by name, size and modification time. Without it an image or caption edited on disk was never read
+    again: ComfyUI reused the node's cached dataset, since none of its inputs had changed."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        if not folder or not folder.strip():
+            continue
+        root = resolve_dataset_folder(folder)
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                try:
+                    stat = os.stat(path)
+                except OSError:
+                    continue
+                digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def resolve_dataset_folder(folder: str) -> str:
@@ -70,6 +92,10 @@ class PersonalizeDatasetFromFolder(io.ComfyNode):
             ],
             outputs=[Dataset.Output(display_name="dataset", tooltip="The encoded training set, for a Personalize training node.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder="", class_folder="", **_) -> str:
+        return folder_fingerprint(folder, class_folder)
 
     @classmethod
     def execute(cls, folder, vae, clip, resolution, buckets, bucket_step, min_side, max_side, no_upscale, crop,

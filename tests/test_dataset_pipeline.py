@@ -1,5 +1,6 @@
 """The dataset pipeline end to end: mixed-aspect buckets, caches (counted calls), caption variants,
 masked loss, class images generated with stock sampling, and a LoRA trained on all of it."""
+import copy
 import time
 
 import pytest
@@ -154,6 +155,32 @@ def test_graph_trains_from_mixed_aspect_folder_with_class_images(comfy_runtime, 
     assert len(folders) == 1
     assert [p.read_text() for p in sorted(folders[0].glob("*.txt"))] == [
         "a photo of a cross", "a photo of a square", "a photo of a cross"]
+
+
+def test_a_caption_edited_on_disk_is_read_again(comfy_runtime, tiny_checkpoint, tmp_path):
+    """ComfyUI reuses a node's output while its inputs are the same: the dataset node fingerprints its folder, so a
+    file edited there makes it run again (it kept serving the first build), and an untouched folder stays cached."""
+    folder = _mixed_folder(tmp_path / "data")
+    inputs = {"folder": str(folder), "vae": ["1", 2], "clip": ["1", 1], "resolution": 64, "buckets": True,
+              "bucket_step": 16, "min_side": 0, "max_side": 0, "no_upscale": False, "crop": "center", "crop_variants": 1,
+              "flip": False, "trigger_word": "", "instance_prompt": "", "shuffle_tags": False, "keep_tokens": 0,
+              "tag_dropout": 0.0, "caption_dropout": 0.0, "masked_loss": False, "seed": 0, "use_cache": True}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
+        "3": {"class_type": "PersonalizeDatasetFromFolder", "inputs": inputs},
+        "6": {"class_type": "PersonalizeDatasetPreview", "inputs": {"dataset": ["3", 0], "vae": ["1", 2], "max_images": 4,
+                                                                      "tile": 64, "epoch": 0, "seed": 0}},
+    }
+
+    def dataset_ran() -> bool:
+        events = comfy_runtime.run_prompt(copy.deepcopy(prompt))["events"]  # as queued: the executor marks the dict
+        cached = {n for e in events if e["type"] == "execution_cached" for n in e["data"]["nodes"]}
+        return "3" not in cached
+
+    runs = [dataset_ran(), dataset_ran()]
+    (folder / "img0.txt").write_text("a completely new caption")
+    runs.append(dataset_ran())
+    assert runs == [True, False, True]
 
 
 def test_keep_pixels_gives_each_variant_its_cropped_image(pack, base, tmp_path):
