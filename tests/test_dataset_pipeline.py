@@ -183,6 +183,30 @@ def test_a_caption_edited_on_disk_is_read_again(comfy_runtime, tiny_checkpoint, 
     assert runs == [True, False, True]
 
 
+def test_a_textual_inversion_clip_never_shares_encodes_with_another(comfy_runtime, pack, base, tmp_path):
+    """A CLIP that reads a trained word as vectors has the weights and patches of the CLIP it came from: its encodes
+    must not be served from (or to) theirs, neither from the disk cache nor as the loop's dataset conditionings."""
+    ti = comfy_runtime.pack_import("trainers.methods.textual_inversion")
+    _, clip, vae = base
+    folder = _mixed_folder(tmp_path / "data")
+    for i in range(6):
+        (folder / f"img{i}.txt").write_text("a photo of <c> cross")
+    generator = torch.Generator().manual_seed(0)
+    clips = [clip] + [ti.with_words(clip, {"<c>": {"clip_l": torch.randn(2, 768, generator=generator)}})
+                      for _ in range(2)]
+    spec = pack.build.DatasetSpec(folder=str(folder), resolution=64, bucket_step=16, use_cache=True,
+                                  cache_root=tmp_path / "cache")
+    conds, keys = [], []
+    with torch.inference_mode():
+        for each in clips:
+            data, stats = pack.build.build_training_data(spec, vae, each)
+            conds.append(data.samples[0].conditioning[0][0])
+            keys.append(data.clip_key)
+            assert stats.text_cache_hits == 0
+    assert not torch.equal(conds[0], conds[1]) and not torch.equal(conds[1], conds[2])
+    assert len(set(keys)) == 3  # the loop reuses a dataset's conditionings only for an equal key
+
+
 def test_keep_pixels_gives_each_variant_its_cropped_image(pack, base, tmp_path):
     """Methods that need the image itself (IP-Adapter references, ControlNet) get every variant's
     pixels, flipped like its latent; without the option nothing extra is kept."""

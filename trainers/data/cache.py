@@ -151,6 +151,19 @@ def vae_fingerprint(vae) -> str:
     return _digest(tokens, tensors)
 
 
+def words_fingerprint(clip) -> str:
+    """Fingerprint of the pseudo-words a textual-inversion CLIP's tokenizer reads as vectors (trainers/methods/
+    textual_inversion.py `with_words`): such a CLIP shares its weights and patches with the CLIP it came from,
+    yet encodes its words differently; "" for a stock tokenizer."""
+    words = getattr(clip.tokenizer, "_personalize_words", None)
+    if not words:
+        return ""
+    tokens, tensors = ["words"], []
+    if not _walk(words, tokens, tensors):
+        raise ValueError("cannot fingerprint the CLIP's trained words")
+    return _digest(tokens, tensors)
+
+
 def clip_fingerprint(clip) -> str:
     """Fingerprint of a ComfyUI CLIP: the weights of `clip.cond_stage_model` plus what changes
     encodings without changing them (patches such as a LoRA, the clip layer, tokenizer options).
@@ -161,6 +174,7 @@ def clip_fingerprint(clip) -> str:
                        f"use_clip_schedule={clip.use_clip_schedule}"], []
     if not _walk(clip.tokenizer_options, tokens, tensors):
         raise ValueError("cannot fingerprint the CLIP's tokenizer options")
+    tokens.append(f"words={words_fingerprint(clip)}")
     _patcher_tokens(clip.patcher, tokens, tensors)
     return _digest(tokens, tensors)
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import words_fingerprint
+
 
 @dataclass
 class TrainSample:
@@ -57,7 +59,7 @@ def clip_identity(clip) -> tuple:
     """Identifies a CLIP and its patches: conditionings from an equal key are interchangeable."""
     patcher = clip.patcher
     wrappers = id(patcher.weight_wrapper_patches) if patcher.weight_wrapper_patches else None
-    return (id(clip.cond_stage_model), patcher.patches_uuid, wrappers, clip.layer_idx)
+    return (id(clip.cond_stage_model), patcher.patches_uuid, wrappers, clip.layer_idx, words_fingerprint(clip))
 
 
 def encode_captions(clip, captions: list[str]) -> list[list]:
