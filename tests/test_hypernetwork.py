@@ -67,6 +67,37 @@ def test_saved_file_loads_in_stock_loader_and_matches_training(pack, base, data,
     assert loaded["layer_structure"] == [1.0, 2.0, 1.0] and 768 in loaded and 320 in loaded
 
 
+def _a1111_module(dim, structure, activation, layer_norm, activate_output):
+    """A1111's HypernetworkModule layer list for a file with use_dropout False (modules/hypernetworks/hypernetwork.py:
+    Linear, activation unless it is the last layer without activate_output, LayerNorm), under its `linear` name."""
+    layers = []
+    for i in range(len(structure) - 1):
+        layers.append(torch.nn.Linear(int(dim * structure[i]), int(dim * structure[i + 1])))
+        if activation != "linear" and (i < len(structure) - 2 or activate_output):
+            layers.append(torch.nn.ReLU())
+        if layer_norm:
+            layers.append(torch.nn.LayerNorm(int(dim * structure[i + 1])))
+    holder = torch.nn.Module()
+    holder.linear = torch.nn.Sequential(*layers)
+    return holder
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_the_saved_layers_load_strictly_in_a1111s_module(pack, base, data, tmp_path, layer_norm):
+    """A1111 loads each width's state dict strictly into `linear.<index>`: bare Sequential indices ("0.weight")
+    were refused. Without layer norm A1111 computes what was trained (with it, A1111 and ComfyUI place the last
+    activation differently: the names still load)."""
+    result, method = _train(pack, base, data, tmp_path, steps=2, layer_norm=layer_norm)
+    artifact = method.export(name="a1111", step=result.global_step)
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(0))
+    for index in range(2):
+        a1111 = _a1111_module(768, [1, 2, 1], "relu", layer_norm, False)
+        a1111.load_state_dict(artifact[768][index], strict=True)
+        if not layer_norm:
+            with torch.no_grad():
+                torch.testing.assert_close(a1111.linear(x), method.modules[768][index].eval()(x))
+
+
 def test_loss_falls(pack, base, data, tmp_path):
     result, _ = _train(pack, base, data, tmp_path, steps=40, dropout=False)
     history = torch.tensor(result.loss_history)

@@ -85,6 +85,27 @@ def build_mlp(dim: int, cfg: HypernetworkConfig, generator: torch.Generator) -> 
     return torch.nn.Sequential(*layers)
 
 
+def a1111_state_dict(mlp: torch.nn.Sequential, cfg: HypernetworkConfig) -> dict[str, torch.Tensor]:
+    """`mlp`'s weights under the names A1111's HypernetworkModule loads strictly: `linear.<i>.*`, where i counts
+    its module list (Linear, activation, LayerNorm, and no Dropout, since the file says use_dropout False).
+    ComfyUI's loader reads them by order, so it takes these names as well."""
+    weighted = iter(m for m in mlp if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)))
+    out, index, layers = {}, 0, len(cfg.layer_structure) - 1
+
+    def put(module):
+        nonlocal index
+        out.update({f"linear.{index}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()})
+        index += 1
+
+    for i in range(layers):
+        put(next(weighted))  # Linear
+        if cfg.activation != "linear" and (i < layers - 1 or cfg.activate_output):
+            index += 1  # the activation: no weights
+        if cfg.layer_norm:
+            put(next(weighted))
+    return out
+
+
 class HypernetworkPatch:
     """An attn1/attn2 patch: k += mlp_k(k) * strength, v += mlp_v(v) * strength, by K width."""
 
@@ -173,8 +194,7 @@ class HypernetworkMethod(TrainingMethod):
     def export(self, name: str = "hypernetwork", step: int = 0) -> dict:
         """The A1111 dict: {width: [state_k, state_v], settings...}, tensors and plain values only."""
         cfg = self.config
-        out = {dim: [{k: v.detach().cpu().clone() for k, v in pair[i].state_dict().items()} for i in range(2)]
-               for dim, pair in self.modules.items()}
+        out = {dim: [a1111_state_dict(pair[i], cfg) for i in range(2)] for dim, pair in self.modules.items()}
         # `use_dropout` is written False: ComfyUI's loader builds its layers in training mode, so a file
         # that asks for dropout would drop 30% of activations at inference. Without Dropout layers it
         # computes exactly the eval-mode function training ended with; the setting is kept aside.
