@@ -166,6 +166,8 @@ def test_bad_inputs_name_the_input(pack, base, ti):
         pack.methods.create_method("textual_inversion", {"vectors": 0})
     with pytest.raises(ValueError, match="`token`"):
         pack.methods.create_method("textual_inversion", {"token": "two words"})
+    with pytest.raises(ValueError, match="`token`.*not ending in '.'"):  # a prompt's full stop: never looked up
+        pack.methods.create_method("textual_inversion", {"token": "v2."})
     with pytest.raises(ValueError, match="`captions`"):
         pack.methods.create_method("textual_inversion", {"captions": "poem"})
     with pytest.raises(ValueError, match="`embedding_fraction`"):

@@ -52,9 +52,11 @@ class TextualInversionConfig:
 
     def __post_init__(self):
         self.token = str(self.token).strip()
-        if not self.token or not _TOKEN_CHARS.match(self.token) or self.token.lower().startswith("embedding"):
+        # A final "." would be read as the sentence's full stop in a prompt (the lookup strips it): never found.
+        if not self.token or not _TOKEN_CHARS.match(self.token) or self.token.lower().startswith("embedding") \
+                or self.token.endswith("."):
             raise ValueError(f"`token`={self.token!r} must be one word of letters, digits and <>-_.~* (no spaces, "
-                             "commas, colons or brackets), such as '<my-cat>'.")
+                             "commas, colons or brackets, not ending in '.'), such as '<my-cat>'.")
         if not 1 <= int(self.vectors) <= MAX_VECTORS:
             raise ValueError(f"`vectors` must be between 1 and {MAX_VECTORS}, got {self.vectors}. Use 1-8.")
         self.vectors = int(self.vectors)
