@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import textwrap
+import uuid
 
 import folder_paths
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..trainers.data.build import DatasetSpec, build_training_data
-from ..trainers.data.cache import default_cache_root, model_fingerprint
+from ..trainers.data.cache import default_cache_root, sampling_fingerprint
 from ..trainers.data.captions import CaptionOptions, caption_rng, process_caption
 from ..trainers.data.class_images import class_image_key, class_prompts, generate_class_images
 from ._api import io, ui
@@ -102,8 +103,10 @@ class PersonalizeDatasetFromFolder(io.ComfyNode):
                 crop_variants, flip, trigger_word, instance_prompt, shuffle_tags, keep_tokens, tag_dropout,
                 caption_dropout, masked_loss, seed, use_cache, class_images=None, class_folder="",
                 class_prompt="", caption_choices=True) -> io.NodeOutput:
+        class_count = None
         if class_images is not None:
             class_folder, class_prompt = class_images["folder"], class_images["prompt"]
+            class_count = class_images["count"]
         spec = DatasetSpec(
             folder=resolve_dataset_folder(folder), resolution=resolution, buckets=buckets, bucket_step=bucket_step,
             min_side=min_side or None, max_side=max_side or None, no_upscale=no_upscale, crop=crop,
@@ -112,7 +115,7 @@ class PersonalizeDatasetFromFolder(io.ComfyNode):
             captions=CaptionOptions(shuffle_tags=shuffle_tags, keep_tokens=keep_tokens, tag_dropout=tag_dropout,
                                     caption_dropout=caption_dropout, caption_choices=caption_choices),
             class_folder=resolve_dataset_folder(class_folder) if class_folder and class_folder.strip() else None,
-            class_prompt=class_prompt)
+            class_prompt=class_prompt, class_count=class_count)
         data, _ = build_training_data(spec, vae, clip)
         return io.NodeOutput(data)
 
@@ -154,9 +157,11 @@ class PersonalizeClassImages(io.ComfyNode):
         if not prompts:
             raise ValueError("`class_prompt` is empty: describe the class, e.g. 'a photo of a dog'.")
         settings = {"prompt": "\n".join(prompts), "negative": negative_prompt, "width": width, "height": height,
-                    "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler, "seed": seed,
-                    "patches": sorted(model.patches.keys())}
-        fingerprint = model_fingerprint(model.model.diffusion_model)
+                    "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler, "seed": seed}
+        try:
+            fingerprint = sampling_fingerprint(model, clip, vae)
+        except ValueError:  # something without a stable description: generate afresh rather than reuse wrongly
+            fingerprint = uuid.uuid4().hex
         folder = default_cache_root() / "class_images" / class_image_key(fingerprint, settings)
         import comfy.utils
         bar = comfy.utils.ProgressBar(count)

@@ -207,6 +207,28 @@ def test_a_textual_inversion_clip_never_shares_encodes_with_another(comfy_runtim
     assert len(set(keys)) == 3  # the loop reuses a dataset's conditionings only for an equal key
 
 
+def test_class_images_follow_the_model_and_the_count(comfy_runtime, pack, base, tmp_path):
+    """Generated class images are reused only for the same MODEL/CLIP/VAE as sampled (a v-prediction patch, an object
+    patch, reused the eps model's images before), and a dataset takes the `count` it was given, not every image an
+    earlier, larger count left in the folder."""
+    import comfy_extras.nodes_model_advanced as advanced
+    node = comfy_runtime.pack_import("nodes.dataset").PersonalizeClassImages
+    model, clip, vae = base
+    settings = {"clip": clip, "vae": vae, "class_prompt": "a photo of a cross", "negative_prompt": "", "width": 64,
+                "height": 64, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "seed": 0}
+    with torch.inference_mode():
+        v_model = advanced.ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+        eps = node.execute(model=model, count=3, **settings).result[0]
+        v_pred = node.execute(model=v_model, count=3, **settings).result[0]
+        fewer = node.execute(model=model, count=2, **settings).result[0]
+    assert eps["folder"] != v_pred["folder"] and fewer["folder"] == eps["folder"]
+    spec = pack.build.DatasetSpec(folder=str(_mixed_folder(tmp_path / "data")), resolution=64, bucket_step=16,
+                                  use_cache=False, class_folder=fewer["folder"], class_count=fewer["count"])
+    with torch.inference_mode():
+        data, _ = pack.build.build_training_data(spec, vae, clip)
+    assert len(data.class_samples) == 2
+
+
 def test_keep_pixels_gives_each_variant_its_cropped_image(pack, base, tmp_path):
     """Methods that need the image itself (IP-Adapter references, ControlNet) get every variant's
     pixels, flipped like its latent; without the option nothing extra is kept."""

@@ -47,6 +47,7 @@ class DatasetSpec:
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     class_folder: str | None = None
     class_prompt: str = ""
+    class_count: int | None = None  # only the first N class images by name (Personalize Class Images' `count`)
     seed: int = 0
     use_cache: bool = True
     cache_root: Path | None = None
@@ -210,6 +211,8 @@ def build_training_data(spec: DatasetSpec, vae, clip) -> tuple[TrainingData, Bui
     class_entries = []
     if spec.class_folder:
         class_entries = scan_dataset(spec.class_folder, instance_prompt=spec.class_prompt).entries
+        if spec.class_count:  # a generated folder also holds the images of an earlier, larger `count`
+            class_entries = sorted(class_entries, key=lambda e: e.path.name)[:spec.class_count]
     stats.images, stats.skipped = len(scan.entries), len(scan.skipped)
     root = spec.cache_root or caches.default_cache_root()
     vae_fp = caches.vae_fingerprint(vae) if spec.use_cache else ""

@@ -151,6 +151,18 @@ def vae_fingerprint(vae) -> str:
     return _digest(tokens, tensors)
 
 
+def sampling_fingerprint(model, clip, vae) -> str:
+    """What images sampled from MODEL/CLIP/VAE depend on besides the sampler settings: every weight, patch (with
+    its values: a LoRA at another strength differs) and object patch (e.g. v-prediction) of the three.
+    Raises ValueError where something has no stable description (hooks, functions in the model options)."""
+    tokens, tensors = ["sampling", *_runtime_tokens(model.load_device)], []
+    _patcher_tokens(model, tokens, tensors)
+    if not _walk(model.model_options, tokens, tensors):
+        raise ValueError("cannot fingerprint the MODEL's options (e.g. a sampler function patch)")
+    tokens += [clip_fingerprint(clip), vae_fingerprint(vae)]
+    return _digest(tokens, tensors)
+
+
 def words_fingerprint(clip) -> str:
     """Fingerprint of the pseudo-words a textual-inversion CLIP's tokenizer reads as vectors (trainers/methods/
     textual_inversion.py `with_words`): such a CLIP shares its weights and patches with the CLIP it came from,
