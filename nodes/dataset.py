@@ -78,7 +78,7 @@ class PersonalizeDatasetFromFolder(io.ComfyNode):
                 io.Int.Input("crop_variants", default=4, min=1, max=64, tooltip="With random crop: how many crops of each image are encoded (and cached)."),
                 io.Boolean.Input("flip", default=False, tooltip="Random horizontal flips (both versions are encoded once). Off for asymmetric subjects such as text."),
                 io.String.Input("trigger_word", default="", tooltip="Prepended to every caption that lacks it (e.g. 'sks')."),
-                io.String.Input("instance_prompt", default="", tooltip="Caption for images without a caption file (e.g. 'a photo of sks dog')."),
+                io.String.Input("instance_prompt", default="", tooltip="Caption for images without a caption file (e.g. 'a photo of sks dog'); if empty, a kohya 'N_name' folder's name captions its images."),
                 io.Boolean.Input("shuffle_tags", default=False, tooltip=_caption_help("shuffle_tags")),
                 io.Int.Input("keep_tokens", default=0, min=0, max=255, tooltip=_caption_help("keep_tokens")),
                 io.Float.Input("tag_dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=_caption_help("tag_dropout")),

@@ -30,6 +30,19 @@ def test_captions_fallback_trigger_and_repeats(folder_mod, tmp_path):
     assert by_name["c.png"].caption == "sks, close-up" and by_name["c.png"].repeats == 3
 
 
+def test_a_kohya_folder_name_captions_its_uncaptioned_images(folder_mod, tmp_path, caplog):
+    """kohya's class tokens: `10_ohwx man/x.png` without a caption file trains on "ohwx man" (it trained on the
+    empty caption); an explicit instance prompt still wins, and images left without any caption are reported."""
+    repeated = tmp_path / "10_ohwx man"
+    repeated.mkdir()
+    _image(repeated / "x.png")
+    _image(tmp_path / "y.png")
+    by_name = {e.path.name: e for e in folder_mod.scan_folder(tmp_path)}
+    assert by_name["x.png"].caption == "ohwx man" and by_name["x.png"].repeats == 10
+    assert by_name["y.png"].caption == "" and "y.png" in caplog.text and "empty caption" in caplog.text
+    assert {e.caption for e in folder_mod.scan_folder(tmp_path, instance_prompt="a photo")} == {"a photo"}
+
+
 def test_trigger_word_reaches_every_alternative_caption_line(folder_mod, tmp_path):
     """Lines of a caption file are alternatives (caption choices on): each gets the trigger word; with choices off
     the file is one caption and gets it once."""

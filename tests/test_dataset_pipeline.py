@@ -229,6 +229,15 @@ def test_class_images_follow_the_model_and_the_count(comfy_runtime, pack, base, 
     assert len(data.class_samples) == 2
 
 
+def test_masked_loss_without_any_mask_is_refused(pack, base, tmp_path):
+    """It would train unmasked without a word: no image has a _mask file or transparency."""
+    _, clip, vae = base
+    spec = pack.build.DatasetSpec(folder=str(_mixed_folder(tmp_path / "data")), resolution=64, buckets=False,
+                                  masked_loss=True, use_cache=False)
+    with pytest.raises(ValueError, match="`masked_loss` is on but no image"):
+        pack.build.build_training_data(spec, vae, clip)
+
+
 def test_keep_pixels_gives_each_variant_its_cropped_image(pack, base, tmp_path):
     """Methods that need the image itself (IP-Adapter references, ControlNet) get every variant's
     pixels, flipped like its latent; without the option nothing extra is kept."""

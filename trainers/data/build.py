@@ -208,6 +208,9 @@ def build_training_data(spec: DatasetSpec, vae, clip) -> tuple[TrainingData, Bui
     stats = BuildStats()
     scan = scan_dataset(spec.folder, trigger_word=spec.trigger_word, instance_prompt=spec.instance_prompt,
                         caption_choices=spec.captions.caption_choices)
+    if spec.masked_loss and not any(e.mask_path or e.has_alpha for e in scan.entries):
+        raise ValueError(f"`masked_loss` is on but no image in {spec.folder!r} has a mask (a name_mask.png beside it) "
+                         "or transparency: add masks, or turn masked_loss off (it would train unmasked).")
     class_entries = []
     if spec.class_folder:
         class_entries = scan_dataset(spec.class_folder, instance_prompt=spec.class_prompt).entries

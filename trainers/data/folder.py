@@ -164,7 +164,10 @@ def scan_dataset(folder: str | Path, *, trigger_word: str = "", instance_prompt:
     bad_masks: list[str] = []
     duplicates: list[list[Path]] = []
 
+    uncaptioned: list[Path] = []
     for group, repeats in groups:
+        # kohya: an image without a caption file in `N_name` is captioned with the name (its class tokens).
+        folder_caption = _REPEAT_FOLDER.match(group.name).group(2).strip() if group != root else ""
         images: dict[str, list[Path]] = defaultdict(list)
         masks: dict[str, list[Path]] = defaultdict(list)
         captions: dict[str, list[Path]] = defaultdict(list)
@@ -214,7 +217,10 @@ def scan_dataset(folder: str | Path, *, trigger_word: str = "", instance_prompt:
                 if encoding:
                     recoded.append(f"{files[0].relative_to(root)} (read as {encoding})")
                 ignored_captions.extend(files[1:])
-            caption = with_trigger(caption or instance_prompt.strip(), trigger_word, per_line=caption_choices)
+            caption = caption or instance_prompt.strip() or folder_caption
+            if not caption:
+                uncaptioned.append(path)
+            caption = with_trigger(caption, trigger_word, per_line=caption_choices)
             entries.append(ImageEntry(path, caption, repeats, mask_path=mask_path, size=info.size,
                                       has_alpha=info.has_alpha))
 
@@ -244,6 +250,11 @@ def scan_dataset(folder: str | Path, *, trigger_word: str = "", instance_prompt:
     if ignored_captions:
         warnings.append(f"dataset {root}: caption file(s) ignored because a .txt caption with the same name "
                         f"exists: {_paths(ignored_captions, root)}")
+    if uncaptioned:
+        warnings.append(f"dataset {root}: image(s) without a caption file, and no `instance_prompt` (or kohya "
+                        f"'N_name' folder name) to caption them: they train on "
+                        f"{'the trigger word alone' if trigger_word.strip() else 'the empty caption'}: "
+                        f"{_paths(uncaptioned, root)}")
     if orphan_masks:
         warnings.append(f"dataset {root}: mask file(s) without an image, not used (an image whose name ends in "
                         f"'{MASK_SUFFIX}' is read as a mask; rename it to train on it): {_paths(orphan_masks, root)}")
