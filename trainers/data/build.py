@@ -112,19 +112,25 @@ class _Encoder:
             self.stats.latent_cache_hits += 1
             self.results[key] = cached
         else:
-            self.pending.setdefault(tuple(pixels.shape), []).append((key, pixels))
+            items = self.pending.setdefault(tuple(pixels.shape), [])
+            items.append((key, pixels))
+            if len(items) == _ENCODE_CHUNK:  # encode as chunks fill: pixels of a whole dataset would not fit in memory
+                self._encode(items)
+                items.clear()
 
     def flush(self) -> None:
         for items in self.pending.values():
-            for start in range(0, len(items), _ENCODE_CHUNK):
-                chunk = items[start:start + _ENCODE_CHUNK]
-                self.stats.vae_encode_calls += 1
-                latents = self.vae.encode(torch.stack([p for _, p in chunk])).cpu().float()
-                for (key, _), latent in zip(chunk, latents):
-                    self.results[key] = latent
-                    if self.cache is not None:
-                        self.cache.put(key, latent)
+            if items:
+                self._encode(items)
         self.pending.clear()
+
+    def _encode(self, chunk: list) -> None:
+        self.stats.vae_encode_calls += 1
+        latents = self.vae.encode(torch.stack([p for _, p in chunk])).cpu().float()
+        for (key, _), latent in zip(chunk, latents):
+            self.results[key] = latent
+            if self.cache is not None:
+                self.cache.put(key, latent)
 
 
 def _prepare_entries(spec, entries, encoder, vae_fp, conditions=None):
