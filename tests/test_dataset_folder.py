@@ -97,3 +97,12 @@ def test_save_lora_never_overwrites(comfy_runtime):
     assert first != second and first.endswith("never_overwrite.safetensors") and second.endswith("_00001.safetensors")
     loras = comfy_runtime.folder("loras")
     assert str(loras) in first
+
+
+def test_a_sliver_under_no_upscale_names_the_image_and_the_inputs(pack, base, tmp_path):
+    """A 4x600 sliver fits no bucket without upscaling: the error says which file and which node inputs to change."""
+    _, clip, vae = base
+    _image(tmp_path / "sliver.png", size=(4, 600))
+    spec = pack.build.DatasetSpec(folder=str(tmp_path), resolution=64, bucket_step=16, no_upscale=True, use_cache=False)
+    with pytest.raises(ValueError, match="sliver.png.*`no_upscale`.*`bucket_step`"):
+        pack.build.build_training_data(spec, vae, clip)

@@ -146,7 +146,11 @@ def _prepare_entries(spec, entries, encoder, vae_fp, conditions=None):
         if spec.masked_loss:
             mask_image = load_mask(entry.mask_path, image.size) if entry.mask_path else alpha
         image_hash = caches.content_hash(entry.path)
-        bucket, resized = _bucket_for(spec, image.size)
+        try:
+            bucket, resized = _bucket_for(spec, image.size)
+        except ValueError as exc:  # the bucket maths names its own arguments: say which image and node inputs
+            raise ValueError(f"{entry.path}: {exc}. Turn off `no_upscale`, lower `bucket_step`, or remove the image."
+                             if spec.no_upscale else f"{entry.path}: {exc}") from exc
         keys, masks, pixels = [], [], []
         for mode, rng_seed, flip in _variants(spec, image_hash):
             crop, offset = bucketing.resize_and_crop(image, bucket, crop=mode, rng=random.Random(rng_seed),
