@@ -95,3 +95,24 @@ def test_the_memo_keeps_only_the_most_recent_captions(pack, base, mods):
         expected = mods.runtime.encode_sample_conds(model, mods.dataset.encode_captions(clip, captions[1:2])[0], latent,
                                                     CPU)["c_crossattn"].cond
     torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+
+def test_a_textual_inversion_clip_reuses_the_dataset_encodes_only_without_its_words(comfy_runtime, base, mods):
+    """Dataset built with the checkpoint's CLIP, LoRA trained with a textual-inversion CLIP (its source's weights and
+    patches, plus a word): a caption with the word is encoded by that CLIP (the dataset's encode read the word as
+    plain text), a caption without it keeps the dataset's encode, which that CLIP would reproduce exactly."""
+    ti = comfy_runtime.pack_import("trainers.methods.textual_inversion")
+    model, clip, _ = base
+    word_clip = ti.with_words(clip, {"<c>": {"clip_l": torch.randn(2, 768, generator=torch.Generator().manual_seed(0))}})
+    latent = torch.zeros(4, 8, 8)
+    with torch.inference_mode():
+        samples = [mods.dataset.TrainSample(latents=[latent], caption=c, source=f"{i}.png",
+                                            conditioning=mods.dataset.encode_captions(clip, [c])[0])
+                   for i, c in enumerate(("a photo of <c> cross", "a photo of a cross"))]
+        conditioner = mods.conditioning.CaptionConditioner(model, word_clip, CPU, trains_text_encoder=False,
+                                                           dataset_clip_key=mods.dataset.clip_identity(clip))
+        got = [conditioner.batch([s.caption], [s], latent)["c_crossattn"].cond for s in samples]
+        with_word = mods.dataset.encode_captions(word_clip, [samples[0].caption])[0][0][0]
+    torch.testing.assert_close(got[0], with_word, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], samples[1].conditioning[0][0], rtol=0, atol=0)
+    assert not torch.equal(with_word, samples[0].conditioning[0][0])

@@ -37,6 +37,12 @@ class CaptionConditioner:
         self.trained_words = tuple(w.lower() for w in trained_words) if trained_words is not None else None
         self.text_cache, self.clip_fp = text_cache, clip_fp
         self.reuse_dataset_conds = clip is None or dataset_clip_key == clip_identity(clip)
+        # A textual-inversion CLIP (new words, else its source's weights and patches) encodes a caption without its
+        # words exactly as a dataset built with the source did: those dataset encodes are still good.
+        identity = clip_identity(clip) if clip is not None else None
+        self._words = tuple(getattr(clip.tokenizer, "_personalize_words", {})) if clip is not None else ()
+        self._reuse_without_words = (not self.reuse_dataset_conds and dataset_clip_key is not None and bool(self._words)
+                                     and dataset_clip_key[:-1] == identity[:-1] and dataset_clip_key[-1] == "")
         self._memo: OrderedDict[tuple, dict] = OrderedDict()
         # The untrained base's conds (the teacher of prior_target="base_model"), apart from the trained path's:
         # once the text path has trained, the same caption encodes differently there.
@@ -91,7 +97,9 @@ class CaptionConditioner:
         remembered = self._recall(self._memo, key)
         if remembered is not None:
             return remembered
-        if self.reuse_dataset_conds and sample.conditioning is not None and caption == sample.caption:
+        reusable = self.reuse_dataset_conds or (
+            self._reuse_without_words and not any(word in caption.lower() for word in self._words))
+        if reusable and sample.conditioning is not None and caption == sample.caption:
             conditioning = sample.conditioning
         else:
             conditioning = self._encode(caption)
@@ -104,7 +112,7 @@ class CaptionConditioner:
         if not self.trains_text_encoder:
             return
         self.trains_text_encoder = False
-        self.text_cache, self.reuse_dataset_conds = None, False
+        self.text_cache, self.reuse_dataset_conds, self._reuse_without_words = None, False, False
         self._memo.clear()
 
     def batch(self, captions: list[str], samples: list[TrainSample], latent, rewrite: bool = True) -> dict:

@@ -56,7 +56,8 @@ class TrainingData:
 
 
 def clip_identity(clip) -> tuple:
-    """Identifies a CLIP and its patches: conditionings from an equal key are interchangeable."""
+    """Identifies a CLIP and its patches: conditionings from an equal key are interchangeable. The last item is its
+    trained words' fingerprint ("" for a stock tokenizer): a textual-inversion CLIP differs from its source only there."""
     patcher = clip.patcher
     wrappers = id(patcher.weight_wrapper_patches) if patcher.weight_wrapper_patches else None
     return (id(clip.cond_stage_model), patcher.patches_uuid, wrappers, clip.layer_idx, words_fingerprint(clip))
