@@ -186,6 +186,25 @@ def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(pack, base, 
         torch.testing.assert_close(shadow, 0.9 * before + 0.1 * param.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_a_training_model_unloaded_mid_run_is_loaded_again(pack, base, data, tmp_path):
+    """ComfyUI may unload the training clone between steps to make room for another model (a preview's VAE decode,
+    a text encode under memory pressure): an unloaded clone computes without its LoRA branches, so the run went on
+    training nothing. It is loaded again before the next forward: the run is the uninterrupted one."""
+    import comfy.model_management
+
+    class Evicting(pack.progress.Reporter):
+        def step(self, step, loss, lr):
+            super().step(step, loss, lr)
+            if step == 2:
+                comfy.model_management.unload_all_models()
+
+    plain, plain_lora = _train(pack, base, data, tmp_path / "plain", steps=4)
+    evicted, evicted_lora = _train(pack, base, data, tmp_path / "evicted", steps=4, reporter=Evicting(4))
+    assert evicted.loss_history == pytest.approx(plain.loss_history, abs=1e-6)
+    for key, value in plain_lora.items():
+        torch.testing.assert_close(evicted_lora[key], value, rtol=0, atol=1e-6)
+
+
 def _deltas(lora: dict) -> dict:
     """module -> the delta ComfyUI applies (up @ down * alpha/rank; no alpha: 1), for kohya names."""
     out = {}

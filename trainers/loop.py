@@ -150,7 +150,7 @@ def _train(job, method, model, clip, data, checkpoint_dir, resume_from, reporter
     if any(stream.base_model_target for stream in streams):
         with method.base_behaviour():  # fails now, with the method's reason, rather than at the first class batch
             pass
-    denoiser = Denoiser(patcher)
+    denoiser = Denoiser(patcher, keep_loaded=to_load)
     autocast = (torch.autocast(device.type, dtype=_AUTOCAST[job.precision]) if job.precision in _AUTOCAST
                 else contextlib.nullcontext())
     summary = {"method": method.name, "steps": job.steps, "start_step": global_step, "samples": len(data),

@@ -3,6 +3,7 @@ patches (fixed attention, gradient checkpointing) that are undone when training 
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 
@@ -13,6 +14,8 @@ import comfy.samplers
 import torch
 import torch.utils.checkpoint
 from comfy.ldm.modules.attention import attention_pytorch
+
+log = logging.getLogger("comfyui-personalize")
 
 
 def encode_sample_conds(model_patcher, conditioning: list, latent: torch.Tensor, device) -> dict:
@@ -51,8 +54,9 @@ class Denoiser:
     at inference: attention patches (hypernetworks, IP-Adapter), wrappers, hooks and ControlNets.
     """
 
-    def __init__(self, model_patcher, fixed_attention: bool = True):
+    def __init__(self, model_patcher, fixed_attention: bool = True, keep_loaded: list | None = None):
         self.model_patcher = model_patcher
+        self.keep_loaded = keep_loaded  # training clones that must be loaded at every forward (`ensure_loaded`)
         self.model_options = model_patcher.model_options
         if fixed_attention:
             # One attention path for the whole run: ComfyUI's CPU default (sub-quadratic) picks its
@@ -68,6 +72,8 @@ class Denoiser:
         entry = {"model_conds": model_conds, "uuid": uuid.uuid4()}
         if extra:
             entry.update(extra)
+        if self.keep_loaded and ensure_loaded(self.keep_loaded):
+            log.warning("ComfyUI had unloaded the training model (memory for another model): loaded it again")
         model = self.model_patcher.model
         return comfy.samplers.calc_cond_batch(model, [[entry]], noisy, sigmas, self.model_options)[0]
 
@@ -159,6 +165,17 @@ def load_for_training(patchers: list) -> None:
         patcher.pre_run()
         if hasattr(patcher, "model_patches_to"):  # attention patches with weights (hypernetworks, ...)
             patcher.model_patches_to(patcher.load_device)
+
+
+def ensure_loaded(patchers: list) -> bool:
+    """Load the training clones again if ComfyUI unloaded them (fully, or partly under memory pressure) since the
+    last step, e.g. to make room for a text encode or a preview's VAE decode: an unloaded clone computes without its
+    patches (the LoRA's branches among them), so training would go on without them. True when it reloaded."""
+    loaded = {id(lm.model) for lm in comfy.model_management.current_loaded_models}
+    if all(id(p) in loaded and not getattr(p.model, "model_lowvram", False) for p in patchers):
+        return False
+    load_for_training(patchers)
+    return True
 
 
 def release_training_model(patchers: list) -> None:
