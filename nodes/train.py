@@ -216,7 +216,7 @@ class PersonalizeTrainLoRA(io.ComfyNode):
         tensors = method.export()
         metadata = kohya_metadata(rank=rank, alpha=alpha, base_model=base_model_family(model), resolution=dataset.resolution,
                                   steps=result.global_step, job=job.to_dict(), dataset_tags=dataset.tag_frequency(),
-                                  name=job.run_name, train_text_encoder=train_text_encoder, state_dict=tensors)
+                                  name=job.run_name, train_text_encoder=train_text_encoder)
         lora = LoraStateDict(tensors, metadata)
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
         return io.NodeOutput(model_out, clip_out if clip_out is not None else clip, lora,

@@ -158,7 +158,7 @@ def _save_artifact(document, method, job, model, data, steps: int, world_size: i
         metadata = kohya_metadata(rank=config.rank, alpha=config.alpha, base_model=base_model_family(model),
                                   resolution=data.resolution, steps=steps, job=per_device,
                                   dataset_tags=data.tag_frequency(), name=job.run_name,
-                                  train_text_encoder=config.train_text_encoder, state_dict=tensors,
+                                  train_text_encoder=config.train_text_encoder,
                                   extra={"personalize.world_size": str(world_size),
                                          "personalize.global_batch_size": str(job.batch_size)})
         return save_new_safetensors(target.parent, target.name, tensors, metadata, artifact.get("save_dtype", "fp16"))

@@ -115,6 +115,28 @@ def assert_close(a, b, rtol=1e-5):
         assert err < rtol, f"{key}: relative error {err}"
 
 
+def test_saved_loras_carry_the_hashes_model_sites_index_them_by(comfy_runtime, fmt, base, tmp_path):
+    """kohya's sshs_model_hash is sha256 of the file's tensor data as written (fp16 here), which A1111's
+    additional-networks and model sites recompute from the file; sshs_legacy_hash reads 64 KiB at 1 MiB of the file
+    written with the ss_ metadata alone. The old hash covered the fp32 tensors and key names: it matched nothing."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    model, clip, _ = base
+    lora = make_lora(fmt, model, clip, rank=64, seed=40)
+    meta = {"ss_network_dim": "64", "ss_output_name": "hashed", "modelspec.title": "hashed"}
+    path = fmt.io.save_new_safetensors(tmp_path, "hashed", dict(lora), meta, "fp16")
+    data = path.read_bytes()
+    with safe_open(str(path), "pt") as f:
+        saved = f.metadata()
+    assert saved["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    save_file({k: v.half() for k, v in lora.items()}, str(tmp_path / "ss_only.safetensors"),
+              metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    legacy = (tmp_path / "ss_only.safetensors").read_bytes()[0x100000:0x110000]
+    assert len(legacy) == 0x10000 and saved["sshs_legacy_hash"] == hashlib.sha256(legacy).hexdigest()[:8]
+
+
 # -- conversions on the tiny model, through stock LoraLoader ------------------------------------------
 @pytest.mark.parametrize("layout", ["kohya", "comfyui", "diffusers"])
 def test_convert_applies_identically(comfy_runtime, fmt, base, layout):

@@ -9,7 +9,6 @@ for SDXL's two.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any
@@ -75,8 +74,9 @@ def base_model_family(model) -> str:
 
 def kohya_metadata(*, rank: int, alpha: float, base_model: str, resolution: tuple[int, int], steps: int,
                    job: dict[str, Any], dataset_tags: dict[str, int], name: str, train_text_encoder: bool,
-                   state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> dict[str, str]:
-    """`ss_*` (kohya) and `modelspec.*` metadata, all values strings as safetensors requires."""
+                   extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """`ss_*` (kohya) and `modelspec.*` metadata, all values strings as safetensors requires (the `sshs_*` hashes
+    are added when the file is written: safetensors_io.addnet_hashes)."""
     arch = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}.get(base_model, base_model)
     now = int(time.time())
     meta = {
@@ -105,7 +105,6 @@ def kohya_metadata(*, rank: int, alpha: float, base_model: str, resolution: tupl
         "ss_training_started_at": str(now),
         "ss_output_name": name,
         "ss_sd_model_name": base_model,
-        "sshs_model_hash": _tensors_hash(state_dict),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{arch}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if base_model != "sd1" else "diffusers",
@@ -117,14 +116,6 @@ def kohya_metadata(*, rank: int, alpha: float, base_model: str, resolution: tupl
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return meta
-
-
-def _tensors_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        digest.update(key.encode())
-        digest.update(state_dict[key].detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class LoraStateDict(dict):
