@@ -222,10 +222,13 @@ def test_class_images_follow_the_model_and_the_count(comfy_runtime, pack, base, 
         v_pred = node.execute(model=v_model, count=3, **settings).result[0]
         fewer = node.execute(model=model, count=2, **settings).result[0]
     assert eps["folder"] != v_pred["folder"] and fewer["folder"] == eps["folder"]
-    spec = pack.build.DatasetSpec(folder=str(_mixed_folder(tmp_path / "data")), resolution=64, bucket_step=16,
-                                  use_cache=False, class_folder=fewer["folder"], class_count=fewer["count"])
-    with torch.inference_mode():
-        data, _ = pack.build.build_training_data(spec, vae, clip)
+    dataset_node = comfy_runtime.pack_import("nodes.dataset").PersonalizeDatasetFromFolder
+    with torch.inference_mode():  # through the dataset node, as the class_images link carries the count
+        data = dataset_node.execute(
+            folder=str(_mixed_folder(tmp_path / "data")), vae=vae, clip=clip, resolution=64, buckets=True, bucket_step=16,
+            min_side=0, max_side=0, no_upscale=False, crop="center", crop_variants=1, flip=False, trigger_word="",
+            instance_prompt="", shuffle_tags=False, keep_tokens=0, tag_dropout=0.0, caption_dropout=0.0,
+            masked_loss=False, seed=0, use_cache=False, class_images=fewer).result[0]
     assert len(data.class_samples) == 2
 
 

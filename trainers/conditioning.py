@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import torch
 
+from .data.cache import clip_words
 from .data.dataset import TrainSample, clip_identity, encode_captions
 from .model_runtime import batch_model_conds, encode_sample_conds
 
@@ -36,12 +37,12 @@ class CaptionConditioner:
         # Only these new words train (see Attached.trained_words): other captions take the frozen path.
         self.trained_words = tuple(w.lower() for w in trained_words) if trained_words is not None else None
         self.text_cache, self.clip_fp = text_cache, clip_fp
-        self.reuse_dataset_conds = clip is None or dataset_clip_key == clip_identity(clip)
-        # A textual-inversion CLIP (new words, else its source's weights and patches) encodes a caption without its
-        # words exactly as a dataset built with the source did: those dataset encodes are still good.
         identity = clip_identity(clip) if clip is not None else None
-        self._words = tuple(getattr(clip.tokenizer, "_personalize_words", {})) if clip is not None else ()
-        self._reuse_without_words = (not self.reuse_dataset_conds and dataset_clip_key is not None and bool(self._words)
+        self.reuse_dataset_conds = clip is None or dataset_clip_key == identity
+        # A textual-inversion CLIP (new words, else its source's weights and patches; the identity's last item) encodes
+        # a caption without its words exactly as a dataset built with the stock source did: those encodes still hold.
+        self._words = tuple(clip_words(clip)) if clip is not None else ()
+        self._reuse_without_words = (not self.reuse_dataset_conds and bool(self._words) and dataset_clip_key is not None
                                      and dataset_clip_key[:-1] == identity[:-1] and dataset_clip_key[-1] == "")
         self._memo: OrderedDict[tuple, dict] = OrderedDict()
         # The untrained base's conds (the teacher of prior_target="base_model"), apart from the trained path's:

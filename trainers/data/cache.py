@@ -163,11 +163,16 @@ def sampling_fingerprint(model, clip, vae) -> str:
     return _digest(tokens, tensors)
 
 
+def clip_words(clip) -> dict:
+    """The pseudo-words a textual-inversion CLIP's tokenizer reads as vectors ({word: {encoder: vectors}}, set by
+    trainers/methods/textual_inversion.py `with_words`); {} for a stock tokenizer."""
+    return getattr(clip.tokenizer, "_personalize_words", None) or {}
+
+
 def words_fingerprint(clip) -> str:
-    """Fingerprint of the pseudo-words a textual-inversion CLIP's tokenizer reads as vectors (trainers/methods/
-    textual_inversion.py `with_words`): such a CLIP shares its weights and patches with the CLIP it came from,
-    yet encodes its words differently; "" for a stock tokenizer."""
-    words = getattr(clip.tokenizer, "_personalize_words", None)
+    """Fingerprint of `clip_words`: a textual-inversion CLIP shares its weights and patches with the CLIP it came
+    from, yet encodes its words differently; "" for a stock tokenizer."""
+    words = clip_words(clip)
     if not words:
         return ""
     tokens, tensors = ["words"], []

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from comfy.sd1_clip import SDTokenizer
 
+from ..data.cache import clip_words
 from . import Attached, ParamGroup, TrainingMethod, register_method
 
 CaptionSource = Literal["object", "style", "captions"]
@@ -145,7 +146,7 @@ def with_words(clip, words: dict[str, dict[str, torch.Tensor]]):
     """
     out = clip.clone()
     base = getattr(clip.tokenizer, "_personalize_base", clip.tokenizer)
-    known = {**getattr(clip.tokenizer, "_personalize_words", {}), **{w.lower(): v for w, v in words.items()}}
+    known = {**clip_words(clip), **{w.lower(): v for w, v in words.items()}}
     tokenizer = copy.copy(base)
     for attr, sub in vars(base).items():
         if isinstance(sub, SDTokenizer):
@@ -174,7 +175,7 @@ class TextualInversionMethod(TrainingMethod):
     def check_token(self, clip) -> None:
         """Refuse a token the vocabulary already has (it would take over an existing word)."""
         token = self.config.token
-        if token.lower() in getattr(clip.tokenizer, "_personalize_words", {}):
+        if token.lower() in clip_words(clip):
             raise ValueError(f"`token` {token!r} is already an embedding of this CLIP: pick another word.")
         for tok in sub_tokenizers(getattr(clip.tokenizer, "_personalize_base", clip.tokenizer)).values():
             ids = word_ids(tok, token)
